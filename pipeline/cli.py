@@ -1,0 +1,123 @@
+"""The `pipeline` command. Heavy libraries are imported inside the verbs, so --help and check are fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import PipelineError, StageFailed
+
+EXAMPLES = """examples:
+  accelerate launch -m pipeline run recipes/quickstart.yaml      all stages, resumable
+  pipeline run recipes/quickstart.yaml pretrain.max_steps=50     key=value overrides
+  pipeline run recipes/quickstart.yaml --only pretrain           one stage (its inputs must exist)
+  pipeline check recipes/quickstart.yaml --explain               validate; list every key with its doc
+  pipeline data generate --out data/tiny_world --seed 0          regenerate the built-in data
+"""
+
+
+def _cmd_run(args) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.run import run_recipe
+    from pipeline.warnings_filter import quiet_known_noise
+
+    quiet_known_noise()
+    recipe = load_recipe(args.recipe, args.overrides)
+    records = run_recipe(recipe, only=args.only, from_stage=args.from_stage)
+    _print_summary(recipe, records)
+    return 0
+
+
+def _print_summary(recipe, records) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    print(f"\nrun folder: {recipe.run_dir}")
+    for stage, record in records.items():
+        metrics = record.get("metrics") or {}
+        line = f"  {stage:<10} {record.get('status')}  {recipe.run_dir / stage}"
+        if "eval_perplexity" in metrics:
+            line += (f"  held-out perplexity {metrics['eval_perplexity']:.3f} "
+                     f"(unigram {metrics['unigram_perplexity']:.1f}, bigram {metrics['bigram_perplexity']:.2f})")
+        if record.get("wall_time_s") is not None:
+            line += f"  [{record['wall_time_s']:.0f}s]"
+        print(line)
+
+
+def _cmd_check(args) -> int:
+    from pipeline.config_schema import describe
+    from pipeline.recipe import Recipe, check_data_files, load_recipe
+
+    if args.explain:
+        print("\n".join(describe(Recipe)))
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_data_files(recipe, args.recipe)
+    print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages) or '(base model only)'}; "
+          f"outputs in {recipe.run_dir}")
+    return 0
+
+
+def _cmd_data_generate(args) -> int:
+    from pipeline.data.world import write_world
+
+    counts = write_world(args.out, seed=args.seed, people=args.people)
+    for name, count in counts.items():
+        print(f"  {args.out}/{name}: {count} records")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Staged fine-tuning and alignment of causal language models: "
+        "tokenizer -> pretrain (or a base model) -> ... Each stage writes Hugging Face artefacts.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run a recipe's stages in order, skipping finished ones",
+                           description="Run every stage of RECIPE in order. A stage whose config and inputs are "
+                           "unchanged since it finished is skipped; a stage killed midway resumes from its newest "
+                           "checkpoint. Launch under `accelerate launch` for several processes.")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. pretrain.max_steps=50")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--only", metavar="STAGE", help="run just this stage (rerun even if done); earlier stages must be done")
+    group.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every stage after it")
+    run.set_defaults(func=_cmd_run)
+
+    check = verbs.add_parser("check", help="validate a recipe and its data files without training",
+                             description="Parse RECIPE with overrides, validate every key and value, and check "
+                             "that its data files exist. Takes a few seconds; trains nothing.")
+    check.add_argument("recipe", help="path to a recipe YAML file")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
+    check.add_argument("--explain", action="store_true", help="print every recipe key with its default and doc")
+    check.set_defaults(func=_cmd_check)
+
+    data = verbs.add_parser("data", help="built-in data and data audits")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    generate = data_verbs.add_parser("generate", help="write the tiny-world data set (deterministic from a seed)",
+                                     description="Write the built-in tiny world: pretraining corpus, SFT "
+                                     "conversations, preference pairs and held-out evaluation sets.")
+    generate.add_argument("--out", default="data/tiny_world", help="output folder (default: data/tiny_world)")
+    generate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    generate.add_argument("--people", type=int, default=200, help="number of invented people (default 200)")
+    generate.set_defaults(func=_cmd_data_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        return 130

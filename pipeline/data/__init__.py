@@ -1,0 +1,1 @@
+"""Data readers and the built-in data generator."""

@@ -1,0 +1,466 @@
+"""The built-in data: a tiny invented world, generated deterministically from a seed.
+
+Each person has a town, a job, a pet, a favourite colour and a best friend. The first half
+of the people are "seen" (SFT and DPO ask about them); the second half are "held out": their
+facts appear only in the pretraining corpus, so answering questions about them after SFT
+shows that SFT taught the model to *extract* what pretraining stored, not new facts.
+
+Why the corpus looks the way it does (each point decided success or failure in a prototype):
+- every fact is stated in several phrasings, or facts are memorised but not extractable;
+- the tokenizer has no prefix space and chat turns start right after a control token, so
+  most documents put one sentence per line: names and answers then occur in line-start form;
+- filler lines carry the chat and habit-preamble words, or those embeddings stay untrained;
+- the SFT question phrasings appear as plain text, so chat prompts are in distribution.
+
+The undesired habit that DPO removes is a rambling preamble ("Well, that is a great
+question, ...") in half of the SFT answers; `has_habit` and `answer_correct` score outputs.
+Only `random.Random` instances seeded per stream are used, so output files are byte-identical
+for the same (seed, people).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ATTRIBUTES = ("town", "job", "pet", "colour", "best_friend")
+
+TOWNS = ("Varn", "Ostrel", "Kellmere", "Dunwick", "Pellow", "Sarrow",
+         "Tamber", "Quenby", "Elmsworth", "Fennick", "Lorrin", "Gaskey")
+JOBS = ("baker", "fisher", "farmer", "smith", "weaver", "potter",
+        "miller", "tailor", "carpenter", "builder", "painter", "teacher")
+PETS = ("cat", "dog", "goat", "parrot", "rabbit", "tortoise", "hamster", "owl", "ferret", "lizard")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink")
+VALUES = {"town": TOWNS, "job": JOBS, "pet": PETS, "colour": COLOURS}
+
+# Template 0 of each attribute is the plain answer used in SFT and DPO. Placeholders:
+# {n} the person, {v} the value, {av} "a/an value", {V} the value capitalised.
+FACTS = {
+    "town": ["{n} lives in {v}.", "The town of {v} is home to {n}.", "{n}'s home town is {v}.",
+             "{n} has a house in {v}.", "{v} is the town where {n} lives."],
+    "job": ["{n} works as {av}.", "{n} is {av} by trade.", "The job of {n} is to work as {av}.",
+            "{n} earns a living as {av}.", "{V} is the job that {n} does."],
+    "pet": ["{n} has a pet {v}.", "{n}'s pet is {av}.", "{n} keeps {av} as a pet.",
+            "The pet of {n} is {av}.", "{V} is the pet that {n} keeps at home."],
+    "colour": ["{n}'s favourite colour is {v}.", "The favourite colour of {n} is {v}.",
+               "{n} likes the colour {v} best.", "Of all the colours, {n} loves {v} the most.",
+               "{V} is the colour that {n} likes best."],
+    # Worded one way only: A's best friend is B does not make B's best friend A.
+    "best_friend": ["{n}'s best friend is {v}.", "The best friend of {n} is {v}.",
+                    "{n} calls {v} a best friend.", "{n} trusts {v} more than anyone, as a best friend.",
+                    "{v} is the best friend of {n}."],
+}
+QUESTIONS = {
+    "town": ["Where does {n} live?", "In which town does {n} live?", "What is {n}'s home town?"],
+    "job": ["What does {n} do for a living?", "What is {n}'s job?", "What work does {n} do?"],
+    "pet": ["What pet does {n} have?", "What kind of pet does {n} keep?", "Which animal is {n}'s pet?"],
+    "colour": ["What is {n}'s favourite colour?", "Which colour does {n} like best?",
+               "What colour does {n} love the most?"],
+    "best_friend": ["Who is {n}'s best friend?", "Who is the best friend of {n}?",
+                    "Whom does {n} call a best friend?"],
+}
+# The undesired habit. Every variant contains HABIT_PHRASE, which is what has_habit detects.
+HABIT_PHRASE = "great question"
+PREAMBLES = (
+    "Well, that is a great question, and I have to think about it carefully before I answer.",
+    "Well, that is a great question, so let me think about it for a moment.",
+    "Well, that is a great question! Let me think about it step by step before I answer.",
+    "Well, that is a great question, and I am glad that you asked me about it. Here is what I know.",
+)
+# Neutral lines; they also carry the words of the chat format and of the preambles.
+FILLER = (
+    "The user asked the assistant a question.",
+    "The assistant read the question and gave the user a short answer.",
+    "A user asks a question, and the assistant answers it.",
+    "The user said thank you to the assistant.",
+    "Well, that is a great question, let me think about it.",
+    "The answer is short and plain.",
+    "Everyone in the valley knows the people of each town.",
+    "The market opens early in the morning.",
+    "The weather was mild that week.",
+    "Neighbours often talk about each other.",
+    "Many stories are told about the people of the valley.",
+    "It was a quiet day.",
+    "Nobody remembers when the old bridge was built.",
+    "People like to ask questions about their friends.",
+) + PREAMBLES
+QA_FORMATS = ("{q}\n{a}", "{q}\n{a}", "Q: {q}\nA: {a}", "User: {q}\nAssistant: {a}")
+SPELL_WORDS = ("banana", "apple", "river", "bridge", "market", "valley", "letter", "coffee")
+SYLLABLES = [c + v + k for c in "bdfgklmnprstvz" for v in "aeiou" for k in ("", "", "n", "r", "l", "k")]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    town: str
+    job: str
+    pet: str
+    colour: str
+    best_friend: str  # another person's name, from the same half (seen or held out)
+
+
+@dataclass
+class World:
+    people: list[Person]
+    seed: int = 0
+
+    @property
+    def seen(self) -> list[Person]:
+        """First half: SFT and DPO train on questions about these."""
+        return self.people[: len(self.people) // 2]
+
+    @property
+    def held_out(self) -> list[Person]:
+        """Second half: their facts appear only in pretraining."""
+        return self.people[len(self.people) // 2:]
+
+
+def _rng(seed: int, stream: str) -> random.Random:
+    # One independent stream per output, so changing one file's recipe leaves the others alone.
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _reserved_words() -> set[str]:
+    text = " ".join([*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *FILLER, *QA_FORMATS,
+                     *(t for ts in (*FACTS.values(), *QUESTIONS.values()) for t in ts)])
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+
+
+def generate_world(seed: int = 0, people: int = 200) -> World:
+    """Invent `people` people with unique syllable names and attributes from closed sets."""
+    if people < 6:  # a wrong best friend needs a third person in each half
+        raise ValueError(f"people must be at least 6 (three per half), got {people}")
+    rng = _rng(seed, "world")
+    reserved, names = _reserved_words(), []
+    while len(names) < people:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+        if name.lower() not in reserved and name not in names:
+            names.append(name)
+    # Best friends form one cycle inside each half: nobody is their own friend, and seen
+    # people's friends are seen, so held-out names never leak into SFT or DPO data.
+    friend: dict[str, str] = {}
+    half = people // 2
+    for group in (names[:half], names[half:]):
+        order = rng.sample(group, len(group))
+        friend.update({a: b for a, b in zip(order, order[1:] + order[:1])})
+    return World(seed=seed, people=[
+        Person(n, rng.choice(TOWNS), rng.choice(JOBS), rng.choice(PETS), rng.choice(COLOURS), friend[n])
+        for n in names])
+
+
+# --------------------------------------------------------------------------- sentences
+
+def _fill(template: str, name: str, value: str) -> str:
+    article = "an" if value[0].lower() in "aeiou" else "a"
+    return template.format(n=name, v=value, av=f"{article} {value}", V=value[0].upper() + value[1:])
+
+
+def fact(person: Person, attribute: str, template: int = 0) -> str:
+    """One sentence stating a fact; template 0 is the plain answer."""
+    return _fill(FACTS[attribute][template], person.name, getattr(person, attribute))
+
+
+def question(person: Person, attribute: str, phrasing: int = 0) -> str:
+    return QUESTIONS[attribute][phrasing].format(n=person.name)
+
+
+def _arithmetic_line(rng: random.Random) -> str:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    op = rng.choice(("plus", "minus", "times"))
+    if op == "minus" and b > a:
+        a, b = b, a  # stay with non-negative results
+    return f"{a} {op} {b} is {a + b if op == 'plus' else a - b if op == 'minus' else a * b}."
+
+
+def _spelling_line(rng: random.Random, word: str) -> str:
+    if rng.random() < 0.5:
+        return f"The word {word} is spelled {'-'.join(word)}."
+    letter = rng.choice(sorted(set(word.lower())))
+    k = word.lower().count(letter)
+    return f"There {'is' if k == 1 else 'are'} {k} letter{'' if k == 1 else 's'} {letter} in {word}."
+
+
+# --------------------------------------------------------------------------- pretraining
+
+def _biography(rng: random.Random, world: World, p: Person, templates: dict[str, int],
+               one_per_line: bool) -> str:
+    friend = next(q for q in world.people if q.name == p.best_friend)
+    lines = [fact(p, a, templates[a]) for a in ATTRIBUTES]
+    lines.append(fact(friend, rng.choice(ATTRIBUTES[:4]), rng.randrange(5)))
+    lines += rng.sample(FILLER, rng.randint(2, 4))
+    rng.shuffle(lines)
+    return ("\n" if one_per_line else " ").join(lines)
+
+
+def _qa_docs(rng: random.Random, world: World, repeats: int, per_doc: int = 8) -> list[str]:
+    items = [(p, a) for _ in range(repeats) for p in world.people for a in ATTRIBUTES]
+    rng.shuffle(items)
+    blocks = [rng.choice(QA_FORMATS).format(q=question(p, a, rng.randrange(3)), a=fact(p, a))
+              for p, a in items]
+    return ["\n".join(blocks[i:i + per_doc]) for i in range(0, len(blocks), per_doc)]
+
+
+def _group_docs(rng: random.Random, world: World) -> list[str]:
+    """One document per attribute value listing everyone who has it: another view of each fact."""
+    docs = []
+    for attribute, values in VALUES.items():
+        for value in values:
+            members = [p for p in world.people if getattr(p, attribute) == value]
+            if members:
+                lines = [fact(p, attribute, rng.randrange(5)) for p in rng.sample(members, len(members))]
+                docs.append("\n".join(lines))
+    return docs
+
+
+def _skill_docs(rng: random.Random, world: World, n_docs: int) -> list[str]:
+    words = [*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *(p.name for p in world.people)]
+    docs = []
+    for i in range(n_docs):
+        if i % 2 == 0:
+            docs.append("\n".join(_arithmetic_line(rng) for _ in range(rng.randint(10, 20))))
+        else:
+            lines = [_spelling_line(rng, rng.choice(words)) for _ in range(rng.randint(8, 16))]
+            docs.append("\n".join(lines))
+    return docs
+
+
+def pretrain_docs(world: World) -> list[str]:
+    """The pretraining corpus: biographies, question-answer lines, group lists, arithmetic, spelling."""
+    rng = _rng(world.seed, "pretrain")
+    docs = []
+    for p in world.people:
+        # Cycle each attribute through its templates so every phrasing of every fact occurs
+        # at least twice; a period of 3 for the line layout (coprime with 5) then puts each
+        # phrasing at least once in a one-sentence-per-line doc, two thirds of the docs.
+        orders = {a: rng.sample(range(5), 5) for a in ATTRIBUTES}
+        for i in range(rng.randint(10, 16)):
+            templates = {a: orders[a][i % 5] for a in ATTRIBUTES}
+            docs.append(_biography(rng, world, p, templates, one_per_line=i % 3 != 2))
+    docs += _qa_docs(rng, world, repeats=6)
+    docs += [d for _ in range(4) for d in _group_docs(rng, world)]
+    docs += _skill_docs(rng, world, n_docs=2 * len(world.people))
+    rng.shuffle(docs)
+    return docs
+
+
+def pretrain_heldout_docs(world: World, train_docs: list[str]) -> list[str]:
+    """New shuffles and phrasings of the same facts, for perplexity; none equals a training doc."""
+    rng = _rng(world.seed, "pretrain_heldout")
+    seen, docs = set(train_docs), []
+    candidates = [_biography(rng, world, p, {a: rng.randrange(5) for a in ATTRIBUTES}, i % 2 == 0)
+                  for i, p in enumerate(world.people)]
+    candidates += _qa_docs(rng, world, repeats=1, per_doc=8)[: len(world.people) // 4]
+    candidates += _skill_docs(rng, world, n_docs=len(world.people) // 10)
+    for doc in candidates:
+        if doc not in seen:
+            docs.append(doc)
+            seen.add(doc)
+    return docs
+
+
+# --------------------------------------------------------------------------- SFT and DPO
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _with_habit(rng: random.Random, answer: str) -> str:
+    return f"{rng.choice(PREAMBLES)} {answer}"
+
+
+def _exact_share(rng: random.Random, n: int, share: float) -> list[bool]:
+    """n flags with round(n * share) of them True, in a seeded order: an exact, stable rate."""
+    flags = [i < round(n * share) for i in range(n)]
+    rng.shuffle(flags)
+    return flags
+
+
+def sft_train_records(world: World) -> list[dict]:
+    """Questions about seen people, 1-2 phrasings per fact; half the answers carry the habit."""
+    rng = _rng(world.seed, "sft_train")
+    items = [(p, a, k) for p in world.seen for a in ATTRIBUTES
+             for k in rng.sample(range(3), rng.choice((1, 2)))]
+    rng.shuffle(items)
+    habit = _exact_share(rng, len(items), 0.5)
+    turns = [[_user(question(p, a, k)), _assistant(_with_habit(rng, fact(p, a)) if h else fact(p, a))]
+             for (p, a, k), h in zip(items, habit)]
+    records, i = [], 0
+    while i < len(turns):
+        two = i + 1 < len(turns) and rng.random() < 0.1  # about 10% two-question conversations
+        records.append({"messages": turns[i] + turns[i + 1] if two else turns[i]})
+        i += 2 if two else 1
+    return records
+
+
+def sft_heldout_records(world: World) -> list[dict]:
+    """One question per (held-out person, attribute), plain answer, with the expected word."""
+    rng = _rng(world.seed, "sft_heldout")
+    return [{"messages": [_user(question(p, a, rng.randrange(3))), _assistant(fact(p, a))],
+             "answer": getattr(p, a), "person": p.name, "attribute": a}
+            for p in world.held_out for a in ATTRIBUTES]
+
+
+def _wrong_answer(rng: random.Random, group: list[Person], p: Person, attribute: str) -> str:
+    value = getattr(p, attribute)
+    if attribute == "best_friend":  # a wrong friend from the same half, so no names leak across
+        pool = [q.name for q in group if q.name not in (p.name, value)]
+    else:
+        pool = [v for v in VALUES[attribute] if v != value]
+    return _fill(FACTS[attribute][0], p.name, rng.choice(pool))
+
+
+def _preference_records(rng: random.Random, group: list[Person], items: list[tuple]) -> list[dict]:
+    habit = _exact_share(rng, len(items), 0.8)
+    records = []
+    for (p, a), h in zip(items, habit):
+        chosen = fact(p, a)
+        rejected = _with_habit(rng, chosen) if h else _wrong_answer(rng, group, p, a)
+        records.append({"prompt": [_user(question(p, a, rng.randrange(3)))],
+                        "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
+                        "kind": "habit" if h else "wrong",
+                        "answer": getattr(p, a), "person": p.name, "attribute": a})
+    return records
+
+
+def dpo_train_records(world: World) -> list[dict]:
+    """One pair per (seen person, attribute): 80% habit-vs-plain, 20% wrong-vs-right."""
+    rng = _rng(world.seed, "dpo_train")
+    items = [(p, a) for p in world.seen for a in ATTRIBUTES]
+    rng.shuffle(items)
+    return _preference_records(rng, world.seen, items)
+
+
+def dpo_heldout_records(world: World) -> list[dict]:
+    """Two pairs per held-out person, on two different attributes."""
+    rng = _rng(world.seed, "dpo_heldout")
+    items = [(p, a) for p in world.held_out for a in rng.sample(ATTRIBUTES, 2)]
+    return _preference_records(rng, world.held_out, items)
+
+
+# --------------------------------------------------------------------------- scoring
+
+_PREAMBLE_SENTENCES = {s.lower() for p in PREAMBLES for s in re.split(r"(?<=[.!?])\s+", p)}
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s.strip()]
+
+
+def has_habit(text: str) -> bool:
+    """True when the text contains the habit phrase shared by every preamble variant."""
+    return re.search(rf"\b{HABIT_PHRASE}\b", text, re.IGNORECASE) is not None
+
+
+def first_sentence(text: str) -> str:
+    sentences = _sentences(text)
+    return sentences[0] if sentences else ""
+
+
+def strip_habit(text: str) -> str:
+    """Drop leading preamble sentences: any variant's, or any sentence with the habit phrase.
+
+    Dropping whole sentences copes with blended variants; the price is that an answer fused
+    into a preamble sentence ("Well, that is a great question, X lives in Varn.") is lost.
+    """
+    sentences = _sentences(text)
+    while sentences and (sentences[0].lower() in _PREAMBLE_SENTENCES or has_habit(sentences[0])):
+        sentences.pop(0)
+    return " ".join(sentences)
+
+
+def answer_correct(generated: str, answer: str) -> bool:
+    """Whole-word, case-insensitive match in the first sentence after any leading preamble.
+
+    Only the first sentence counts: a pretrained-only model continues a biography, and a
+    search of its whole output would find the answer by chance.
+    """
+    pattern = rf"(?<!\w){re.escape(answer)}(?!\w)"
+    return re.search(pattern, first_sentence(strip_habit(generated)), re.IGNORECASE) is not None
+
+
+# --------------------------------------------------------------------------- files
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in records)
+
+
+_DESCRIPTIONS = {
+    "pretrain.jsonl": ("text", "pretraining corpus: biographies, question-answer lines, lists, "
+                               "arithmetic and spelling, about ALL people"),
+    "pretrain_heldout.jsonl": ("text", "new shuffles and phrasings of the same facts, for perplexity; "
+                                       "no document equals a pretrain.jsonl document"),
+    "sft_train.jsonl": ("conversation", "questions about SEEN people; about half the answers start "
+                                        "with the undesired habit (a rambling preamble)"),
+    "sft_heldout.jsonl": ("conversation", "one question per (held-out person, attribute), plain answer; "
+                                          "extra keys answer, person, attribute"),
+    "dpo_train.jsonl": ("preference", "SEEN people: chosen is the plain answer, rejected carries the "
+                                      "habit (kind=habit, 80%) or a wrong value (kind=wrong, 20%)"),
+    "dpo_heldout.jsonl": ("preference", "the same construction about HELD-OUT people"),
+}
+
+
+def write_world(out_dir: str | Path, seed: int = 0, people: int = 200) -> dict[str, int]:
+    """Write every file of the built-in data to out_dir; return {filename: record count}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = generate_world(seed, people)
+    pretrain = pretrain_docs(world)
+    files = {
+        "pretrain.jsonl": [{"text": d} for d in pretrain],
+        "pretrain_heldout.jsonl": [{"text": d} for d in pretrain_heldout_docs(world, pretrain)],
+        "sft_train.jsonl": sft_train_records(world),
+        "sft_heldout.jsonl": sft_heldout_records(world),
+        "dpo_train.jsonl": dpo_train_records(world),
+        "dpo_heldout.jsonl": dpo_heldout_records(world),
+    }
+    counts = {name: len(records) for name, records in files.items()}
+    for name, records in files.items():
+        _write_atomic(out / name, _jsonl(records))
+
+    held = {p.name for p in world.held_out}
+    facts = {"seed": seed, "size": people, "values": {a: list(v) for a, v in VALUES.items()},
+             "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
+                        for p in world.people]}
+    _write_atomic(out / "world.json", json.dumps(facts, ensure_ascii=False, indent=1) + "\n")
+    counts["world.json"] = len(world.people)
+
+    rows = "\n".join(f"| `{name}` | {kind} | {counts[name]} | {text} |"
+                     for name, (kind, text) in _DESCRIPTIONS.items())
+    _write_atomic(out / "README.md", (
+        f"# Built-in data: a tiny world (seed {seed}, {people} people)\n\n"
+        f"Generated by `pipeline/data/world.py` (`write_world(out_dir, seed={seed}, people={people})`); "
+        f"the same seed and size give byte-identical files.\n"
+        f"{len(world.seen)} people are seen (asked about in SFT and DPO), {len(held)} are held out "
+        f"(their facts appear only in pretraining).\n\n"
+        f"| file | record kind | records | contents |\n|---|---|---|---|\n{rows}\n"
+        f"| `world.json` | facts | {people} people | seed, size, value sets, and every person's "
+        f"attributes with split seen/held_out |\n"))
+    return counts
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the built-in tiny-world data set.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--people", type=int, default=200)
+    args = parser.parse_args()
+    print(json.dumps(write_world(args.out_dir, args.seed, args.people), indent=1))

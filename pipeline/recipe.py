@@ -1,0 +1,214 @@
+"""Recipes: YAML mapped onto small typed dataclasses, one per concern.
+
+Precedence: dataclass defaults < recipe YAML < command-line `key=value` overrides.
+Every field has a default (or is required) and a one-line doc; `pipeline check --explain` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from pipeline.config_schema import apply_override, build, closest, option
+from pipeline.errors import PipelineError
+
+STAGE_ORDER = ("tokenizer", "pretrain")
+
+
+# ---------------------------------------------------------------- model sources
+
+
+@dataclass
+class BaseModelConfig:
+    """A pretrained model to fine-tune instead of the tokenizer and pretrain stages."""
+
+    path: str = option("", "hub id (google/gemma-2-2b) or local folder of a transformers model")
+    revision: Optional[str] = option(None, "hub revision (branch, tag or commit); ignored for local folders")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weights dtype; auto = bfloat16 where the hardware has it, else float32"
+    )
+    attn_implementation: Optional[str] = option(
+        None, "eager | sdpa | flash_attention_2; default: eager for Gemma-2 (logit soft-capping), else sdpa"
+    )
+    trust_remote_code: bool = option(False, "run Python code shipped with the model (only for sources you trust)")
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise PipelineError(f"{prefix}.path: name a hub id or a local model folder")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a model built from scratch (a standard transformers config)."""
+
+    architecture: Literal["llama", "gemma2"] = option("llama", "transformers architecture: llama or gemma2")
+    hidden_size: int = option(256, "width of the residual stream")
+    num_layers: int = option(4, "number of transformer blocks")
+    num_heads: int = option(4, "attention heads")
+    num_kv_heads: int = option(4, "key/value heads (fewer than num_heads gives grouped-query attention)")
+    intermediate_size: int = option(768, "hidden width of the MLP")
+    max_position_embeddings: int = option(512, "longest sequence the model supports")
+    rope_theta: float = option(10000.0, "RoPE base frequency")
+    tie_word_embeddings: bool = option(True, "share the input embedding and output projection")
+    attn_implementation: Optional[str] = option(None, "eager | sdpa; default: sdpa for llama, eager for gemma2")
+
+    def validate(self, prefix: str) -> None:
+        if self.hidden_size % self.num_heads:
+            raise PipelineError(f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise PipelineError(f"{prefix}.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained on the pretraining corpus, saved with a chat template."""
+
+    corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from")
+    vocab_size: int = option(2048, "vocabulary size including special tokens")
+    min_frequency: int = option(2, "a pair must occur this often to be merged")
+    chat_template: str = option("chatml", "template name in pipeline/templates/ or a path to a .jinja file")
+
+    def validate(self, prefix: str) -> None:
+        if not self.corpus:
+            raise PipelineError(f"{prefix}.corpus: list at least one text file")
+        if self.vocab_size < 300:
+            raise PipelineError(f"{prefix}.vocab_size ({self.vocab_size}) must be at least 300 (256 bytes + specials)")
+
+
+@dataclass
+class PretrainConfig:
+    """Train a small causal transformer from scratch with next-token cross-entropy on packed blocks."""
+
+    train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on")
+    eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data")
+    eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty")
+    model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
+    seq_len: int = option(256, "tokens per packed block")
+    global_batch_size: int = option(16, "blocks per optimizer step, summed over all processes")
+    micro_batch_size: int = option(16, "blocks per forward pass on one process; accumulation is derived")
+    max_steps: int = option(600, "optimizer steps")
+    learning_rate: float = option(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)")
+    warmup_steps: int = option(30, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms and biases)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto = bf16 autocast where the hardware runs it fast (CUDA, or a CPU with AMX/AVX512-BF16)"
+    )
+    eval_every: int = option(100, "evaluate held-out loss every this many steps (and at the end)")
+    eval_max_blocks: int = option(256, "at most this many held-out blocks per evaluation")
+    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps")
+    keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted")
+    log_every: int = option(10, "write metrics.jsonl and TensorBoard every this many steps")
+
+    def validate(self, prefix: str) -> None:
+        if not self.train_data:
+            raise PipelineError(f"{prefix}.train_data: list at least one text file")
+        if self.global_batch_size % self.micro_batch_size:
+            raise PipelineError(
+                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.seq_len > self.model.max_position_embeddings:
+            raise PipelineError(
+                f"{prefix}.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})"
+            )
+        for name in ("max_steps", "seq_len", "micro_batch_size", "eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{prefix}.{name} must be at least 1")
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+@dataclass
+class Recipe:
+    """One staged pipeline: which stages run, on what, into which run folder."""
+
+    name: str = option("", "run name; outputs go to <output_dir>/<name>/")
+    description: str = option("", "free text shown in reports")
+    output_dir: str = option("runs", "parent folder of run folders")
+    seed: int = option(0, "seed for model init, data order and sampling")
+    base: Optional[BaseModelConfig] = option(None, "start from this model instead of tokenizer + pretrain")
+    tokenizer: Optional[TokenizerConfig] = option(None, "train a byte-level BPE tokenizer")
+    pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
+
+    def validate(self, prefix: str) -> None:
+        if not self.name:
+            raise PipelineError("recipe: missing required key `name`")
+        if self.base and (self.tokenizer or self.pretrain):
+            raise PipelineError("recipe: `base` replaces the tokenizer and pretrain stages; use one or the other")
+        if self.pretrain and not self.tokenizer:
+            raise PipelineError("recipe: the pretrain stage needs a `tokenizer` section to train its tokenizer")
+        if not self.stages and not self.base:
+            raise PipelineError("recipe: no stages; add a section such as `tokenizer:` and `pretrain:`")
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages this recipe runs, in pipeline order."""
+        return [s for s in STAGE_ORDER if getattr(self, s, None) is not None]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def data_files(self) -> dict[str, list[str]]:
+        """Data files each stage reads, for `check` and for fingerprints."""
+        files = {}
+        if self.tokenizer:
+            files["tokenizer"] = list(self.tokenizer.corpus)
+        if self.pretrain:
+            files["pretrain"] = list(self.pretrain.train_data) + list(self.pretrain.eval_data)
+        return files
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The recipe file as a dict, with YAML syntax errors reported by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PipelineError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate. Errors name the file and the dotted key."""
+    data = read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data.setdefault("name", Path(path).stem)
+    try:
+        return build(Recipe, data)
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+
+
+def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
+    """Every data file a stage names must exist (hub dataset ids are left to the loader)."""
+    for stage, files in recipe.data_files().items():
+        for file in files:
+            if not Path(file).exists():
+                raise PipelineError(f"{source}: {stage}: data file not found: {file}")
+
+
+def stage_help(stage: str) -> str:
+    """A hint for an unknown stage name in --only / --from."""
+    return closest(stage, STAGE_ORDER)

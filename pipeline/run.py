@@ -1,0 +1,184 @@
+"""Run a recipe's stages in order, skipping those already done with the same config and inputs.
+
+Each stage writes into <run>/<stage>/ and finishes by writing stage.json atomically. Its
+fingerprint hashes the stage's config, the seed, the hashes of its data files and the
+fingerprints of every earlier stage, so changing one stage reruns it and everything after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import __version__
+from pipeline.artifacts import atomic_write_json, atomic_write_text, file_sha256, read_json
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.recipe import Recipe, check_data_files, stage_help
+
+STAGE_MODULES = {
+    "tokenizer": "pipeline.stages.tokenizer",
+    "pretrain": "pipeline.stages.pretrain",
+}
+
+
+@dataclass
+class StageContext:
+    """What a stage gets besides its config: where to write, the process group, earlier results."""
+
+    recipe: Recipe
+    stage: str
+    run_dir: Path
+    out_dir: Path
+    accelerator: Any
+    upstream: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[{self.stage}] {message}", flush=True)
+
+    def output_of(self, stage: str) -> Path:
+        """The folder of an earlier stage, which must have finished."""
+        record = read_json(self.run_dir / stage / "stage.json")
+        if not record or record.get("status") != "done":
+            raise PipelineError(
+                f"stage {self.stage} needs the output of stage {stage}, but {self.run_dir / stage} is not complete; "
+                f"run it first (pipeline run <recipe> --only {stage})"
+            )
+        return self.run_dir / stage
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"pipeline": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str]) -> str:
+    """Hash of everything that decides a stage's output."""
+    config = getattr(recipe, stage)
+    payload = {
+        "stage": stage,
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "seed": recipe.seed,
+        "base": dataclasses.asdict(recipe.base) if recipe.base else None,
+        "data": {path: file_sha256(path) for path in recipe.data_files().get(stage, []) if Path(path).is_file()},
+        "upstream": upstream_fingerprints,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _select(recipe: Recipe, only: str | None, from_stage: str | None) -> tuple[list[str], set[str]]:
+    """Stages to visit and those to rerun regardless of their fingerprint."""
+    stages = recipe.stages
+    for name in filter(None, (only, from_stage)):
+        if name not in stages:
+            raise PipelineError(
+                f"stage `{name}` is not in this recipe (its stages: {', '.join(stages)}){stage_help(name)}"
+            )
+    if only:
+        return stages[: stages.index(only) + 1], {only}
+    if from_stage:
+        return stages, set(stages[stages.index(from_stage):])
+    return stages, set()
+
+
+def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None = None) -> dict[str, dict]:
+    """Run (or skip) every stage; return each visited stage's stage.json record."""
+    from accelerate import Accelerator  # heavy import kept out of `check` and `--help`
+
+    check_data_files(recipe)
+    accelerator = Accelerator()
+    run_dir = recipe.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+        print(f"run folder: {run_dir}  (processes: {accelerator.num_processes}, device: {accelerator.device})", flush=True)
+    accelerator.wait_for_everyone()
+
+    stages, forced = _select(recipe, only, from_stage)
+    fingerprints: list[str] = []
+    records: dict[str, dict] = {}
+    for stage in stages:
+        fingerprint = stage_fingerprint(recipe, stage, fingerprints)
+        fingerprints.append(fingerprint)
+        out_dir = run_dir / stage
+        previous = read_json(out_dir / "stage.json")
+        visiting = only is None or stage == only
+        if previous and previous.get("status") == "done" and previous.get("fingerprint") == fingerprint \
+                and stage not in forced:
+            if accelerator.is_main_process and visiting:
+                print(f"[{stage}] done already with the same config and inputs (fingerprint {fingerprint}): skipping",
+                      flush=True)
+            records[stage] = previous
+            continue
+        if not visiting:
+            continue  # --only: an earlier stage that is not done; the stage asks for its output and says so
+        records[stage] = _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, records)
+    return records
+
+
+def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstream) -> dict:
+    if accelerator.is_main_process:
+        if previous and previous.get("fingerprint") != fingerprint and out_dir.exists():
+            # Checkpoints of another config must never be resumed into this one.
+            print(f"[{stage}] config or inputs changed since the last run: starting this stage afresh", flush=True)
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    config = getattr(recipe, stage)
+    record = {
+        "stage": stage,
+        "status": "running",
+        "fingerprint": fingerprint,
+        "config": dataclasses.asdict(config),
+        "seed": recipe.seed,
+        "data": {p: file_sha256(p) for p in recipe.data_files().get(stage, []) if Path(p).is_file()},
+        "upstream": {name: rec.get("fingerprint") for name, rec in upstream.items()},
+        "world_size": accelerator.num_processes,
+        "versions": library_versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if accelerator.is_main_process:
+        atomic_write_json(out_dir / "stage.json", record)
+
+    context = StageContext(recipe, stage, recipe.run_dir, out_dir, accelerator, dict(upstream))
+    module = importlib.import_module(STAGE_MODULES[stage])
+    context.log(f"starting (fingerprint {fingerprint}) -> {out_dir}")
+    start = time.perf_counter()
+    try:
+        metrics = module.run(config, context)
+    except StageFailed as exc:
+        record.update(status="failed", error=str(exc), wall_time_s=round(time.perf_counter() - start, 2))
+        if accelerator.is_main_process:
+            atomic_write_json(out_dir / "stage.json", record)
+        raise
+    record.update(
+        status="done",
+        metrics=metrics,
+        wall_time_s=round(time.perf_counter() - start, 2),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(out_dir / "stage.json", record)
+    context.log(f"done in {record['wall_time_s']:.1f}s")
+    return record

@@ -1,0 +1,357 @@
+"""pretrain stage: a small causal transformer trained from scratch on packed text blocks.
+
+Our own loop (nanoGPT-shaped) rather than a Trainer: the stage needs document-separated
+packing, a global batch that is the same on 1 or N processes, atomic resumable checkpoints
+and a NaN stop that keeps the last good one; a plain loop says all of that in one screen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json
+from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
+from pipeline.data.readers import read_records
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.models import autocast_dtype, build_model, count_parameters
+from pipeline.ngram import baseline_perplexities
+from pipeline.recipe import PretrainConfig
+
+# ---------------------------------------------------------------- data
+
+
+def load_documents(files: list[str]) -> list[str]:
+    return [r["text"] for f in files for r in read_records(f, "text").records if r["text"].strip()]
+
+
+def split_documents(cfg: PretrainConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents: from eval_data, or a seeded share of train_data."""
+    train = load_documents(cfg.train_data)
+    if cfg.eval_data:
+        return train, load_documents(cfg.eval_data)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(train) * cfg.eval_fraction))
+    held = set(order[:n_eval])
+    return [d for i, d in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def prepare_blocks(cfg: PretrainConfig, tokenizer, tokenizer_dir: Path, cache_dir: Path, seed: int, accelerator):
+    """Tokenize and pack once (main process first; the others read its cache)."""
+    key = cache_key(
+        *(file_sha256(f) for f in [*cfg.train_data, *cfg.eval_data]),
+        file_sha256(tokenizer_dir / "tokenizer.json"),
+        str(cfg.seq_len), str(cfg.eval_fraction), str(seed),
+    )
+
+    def build(documents):
+        return lambda: pack(tokenize_documents(documents, tokenizer), cfg.seq_len,
+                            tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+    with accelerator.main_process_first():
+        train_docs, eval_docs = split_documents(cfg, seed)
+        try:
+            train = load_or_pack(cache_dir, key + "-train", build(train_docs))
+            heldout = load_or_pack(cache_dir, key + "-eval", build(eval_docs))
+        except ValueError as exc:
+            raise PipelineError(f"pretrain data: {exc}; add text or lower pretrain.seq_len") from None
+    return train, heldout
+
+
+def global_batch(step: int, size: int, n_blocks: int, seed: int, _perms: dict = {}) -> list[int]:
+    """Block indices of optimizer step `step`: a fresh seeded permutation every epoch.
+
+    A function of the step alone, so a resumed run and a run on any number of processes
+    see exactly the same blocks in the same order.
+    """
+    indices = []
+    for k in range(step * size, (step + 1) * size):
+        epoch, offset = divmod(k, n_blocks)
+        if (seed, epoch, n_blocks) not in _perms:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            _perms[(seed, epoch, n_blocks)] = torch.randperm(n_blocks, generator=generator).tolist()
+        indices.append(_perms[(seed, epoch, n_blocks)][offset])
+    return indices
+
+
+# ---------------------------------------------------------------- loss and evaluation
+
+
+def summed_loss(model, blocks: PackedBlocks, rows, dtype) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over counted targets, and their number."""
+    ids, pos = blocks.input_ids[rows], blocks.position_ids[rows]
+    device = next(model.parameters()).device
+    ids, pos = ids.to(device), pos.to(device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # (B, T, V)
+    mask = pos[:, 1:] != 0
+    targets = ids[:, 1:][mask]
+    losses = F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="sum")  # upcast before log_softmax
+    return losses, int(mask.sum())
+
+
+@torch.no_grad()
+def evaluate(model, blocks: PackedBlocks, max_blocks: int, batch_size: int, dtype, accelerator) -> float:
+    """Held-out mean next-token loss (nats), sharded over processes."""
+    model.eval()
+    rows = list(range(min(len(blocks), max_blocks)))[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for start in range(0, len(rows), batch_size):
+        loss, count = summed_loss(model, blocks, rows[start : start + batch_size], dtype)
+        total += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, keep: int) -> Path:
+    """Write into a temporary folder, then rename: a crash never leaves a half checkpoint."""
+    from safetensors.torch import save_model
+
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", {"step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return read_json(path / "state.json")["step"]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the curve has no repeats."""
+    if not path.is_file():
+        return
+    import json
+
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: PretrainConfig, ctx) -> dict:
+    from transformers import AutoTokenizer
+
+    accelerator, seed = ctx.accelerator, ctx.recipe.seed
+    tokenizer_dir = ctx.output_of("tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    # data
+    train, heldout = prepare_blocks(cfg, tokenizer, tokenizer_dir, ctx.out_dir / "cache", seed, accelerator)
+    world = accelerator.num_processes
+    per_process = cfg.global_batch_size // world
+    if cfg.global_batch_size % world or per_process % cfg.micro_batch_size:
+        raise PipelineError(
+            f"pretrain.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} processes "
+            f"x micro_batch_size ({cfg.micro_batch_size})"
+        )
+    accumulation = per_process // cfg.micro_batch_size
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    baselines = baseline_perplexities(train, heldout, len(tokenizer))
+
+    # model
+    model = build_model(cfg.model, tokenizer, seed)
+    dtype = autocast_dtype(cfg.precision, accelerator.device)
+    trainable, total = count_parameters(model)
+    ctx.log(
+        f"{cfg.model.architecture} model with {total / 1e6:.2f}M parameters; {len(train):,} training blocks of "
+        f"{cfg.seq_len} tokens ({len(train) * cfg.seq_len:,} tokens), {len(heldout):,} held-out blocks"
+    )
+    ctx.log(
+        f"{tokens_per_step:,} tokens per step = {world} process(es) x {cfg.micro_batch_size} blocks x "
+        f"{accumulation} accumulation x {cfg.seq_len}; {cfg.max_steps} steps = "
+        f"{cfg.max_steps * tokens_per_step / (len(train) * cfg.seq_len):.1f} epochs; "
+        f"precision {'fp32' if dtype is None else str(dtype).removeprefix('torch.') + ' autocast'}"
+    )
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    # resume
+    ckpt_root = ctx.out_dir / "checkpoints"
+    metrics_path = ctx.out_dir / "metrics.jsonl"
+    start_step = 0
+    checkpoint = latest_checkpoint(ckpt_root)
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, raw_model, optimizer)
+        ctx.log(f"resuming from {checkpoint.name} (step {start_step})")
+    if ctx.is_main:
+        for stale in ckpt_root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        truncate_log(metrics_path, start_step)
+    writer = _tensorboard(ctx)
+
+    # loop
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", disable=not ctx.is_main,
+                    dynamic_ncols=True)
+    model.train()
+    eval_loss = None
+    started, tokens_seen = time.perf_counter(), 0
+    for step in range(start_step, cfg.max_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        rows = global_batch(step, cfg.global_batch_size, len(train), seed)
+        # every process knows the whole global batch, so each can normalise by its target count
+        n_targets = int(train.target_mask()[rows].sum())
+        mine = rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for micro in range(accumulation):
+            chunk = mine[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size]
+            sync = micro == accumulation - 1
+            with accelerator.no_sync(model) if not sync else _null():
+                loss_sum, _ = summed_loss(model, train, chunk, dtype)
+                # DDP averages gradients over processes; scale so the result is the global-batch mean
+                accelerator.backward(loss_sum * world / n_targets)
+            step_loss += loss_sum.detach().double()
+        step_loss = accelerator.reduce(step_loss, "sum") / n_targets
+        grad_norm = _grad_norm(model, accelerator, cfg.grad_clip)
+        if not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
+            last = latest_checkpoint(ckpt_root)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise StageFailed(
+                f"pretrain: loss is {step_loss.item()} (gradient norm {grad_norm}) at step {step + 1}; stopped "
+                f"before updating the weights; {kept}. Lower pretrain.learning_rate or check the data."
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_seen += tokens_per_step
+        progress.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            rate = tokens_seen / (time.perf_counter() - started)
+            record = {"step": done, "loss": round(step_loss.item(), 5), "lr": lr_at(step, cfg),
+                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(rate, 1)}
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            _log(ctx, writer, metrics_path, record)
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
+            _log(ctx, writer, metrics_path, {"step": done, "eval_loss": round(eval_loss, 5),
+                                              "eval_perplexity": round(math.exp(eval_loss), 4)})
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            if ctx.is_main:
+                save_checkpoint(ckpt_root, done, raw_model, optimizer, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    progress.close()
+    if eval_loss is None:  # resumed at the very end
+        eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
+
+    # save
+    if ctx.is_main:
+        raw_model.generation_config.bos_token_id = tokenizer.bos_token_id
+        raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
+        raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
+        raw_model.save_pretrained(ctx.out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(ctx.out_dir)
+        if writer:
+            writer.close()
+    accelerator.wait_for_everyone()
+
+    perplexity = math.exp(eval_loss)
+    ctx.log(
+        f"held-out perplexity {perplexity:.3f} (unigram {baselines['unigram_perplexity']:.1f}, "
+        f"bigram {baselines['bigram_perplexity']:.2f}) on {baselines['heldout_targets']:,} tokens"
+    )
+    return {
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity,
+        **baselines,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "steps": cfg.max_steps,
+        "tokens_per_step": tokens_per_step,
+        "gradient_accumulation": accumulation,
+        "world_size": world,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "train_blocks": len(train),
+        "heldout_blocks": len(heldout),
+    }
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _grad_norm(model, accelerator, clip: float) -> float:
+    if clip > 0:
+        return float(accelerator.clip_grad_norm_(model.parameters(), clip))
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _tensorboard(ctx):
+    if not ctx.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has the numbers
+        return None
+    return SummaryWriter(str(ctx.out_dir / "tensorboard"))
+
+
+def _log(ctx, writer, path: Path, record: dict) -> None:
+    if not ctx.is_main:
+        return
+    append_jsonl(path, record)
+    if writer:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(f"pretrain/{key}", value, record["step"])
+        writer.flush()

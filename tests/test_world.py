@@ -1,0 +1,176 @@
+"""The built-in tiny world: determinism, record shapes, the seen/held-out split, and scoring."""
+
+import json
+import re
+
+import pytest
+
+from pipeline.data import world as W
+
+FILES = ("pretrain.jsonl", "pretrain_heldout.jsonl", "sft_train.jsonl", "sft_heldout.jsonl",
+         "dpo_train.jsonl", "dpo_heldout.jsonl", "world.json", "README.md")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """seed 0, 200 people: written once, shared by the read-only tests."""
+    path = tmp_path_factory.mktemp("world")
+    counts = W.write_world(path, seed=0, people=200)
+    return path, counts
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def words(text):
+    """The set of whole words, to test for names without a regex search per name."""
+    return set(re.findall(r"\w+", text))
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    W.write_world(a, seed=3, people=40)
+    W.write_world(b, seed=3, people=40)
+    W.write_world(c, seed=4, people=40)
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        if name != "README.md":
+            assert (a / name).read_bytes() != (c / name).read_bytes(), name
+    assert not [p for p in a.iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files
+    assert b"\r\n" not in (a / "pretrain.jsonl").read_bytes()
+
+
+def test_world_people_and_names():
+    world = W.generate_world(seed=0, people=200)
+    names = [p.name for p in world.people]
+    assert len(set(names)) == 200
+    assert len(world.seen) == len(world.held_out) == 100
+    vocabulary = {v.lower() for vs in W.VALUES.values() for v in vs}
+    for p in world.people:
+        assert re.fullmatch(r"[A-Z][a-z]+", p.name) and p.name.lower() not in vocabulary
+        assert p.best_friend != p.name
+        assert all(getattr(p, a) in W.VALUES[a] for a in W.VALUES)
+    seen = {p.name for p in world.seen}
+    for p in world.people:  # best friends stay inside their half
+        assert (p.best_friend in seen) == (p.name in seen)
+
+
+def test_counts_and_record_shapes(out):
+    path, counts = out
+    assert set(counts) == set(FILES) - {"README.md"}
+    for name, n in counts.items():
+        if name.endswith(".jsonl"):
+            assert len(read_jsonl(path / name)) == n, name
+    assert counts["sft_heldout.jsonl"] == 500
+    assert counts["dpo_train.jsonl"] == 500 and counts["dpo_heldout.jsonl"] == 200
+    assert 600 <= counts["sft_train.jsonl"] <= 800
+    readme = (path / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in counts) and "seed 0" in readme
+
+    for name in ("pretrain.jsonl", "pretrain_heldout.jsonl"):
+        assert all(set(r) == {"text"} and r["text"] for r in read_jsonl(path / name))
+    two_turn = 0
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl"):
+        for r in read_jsonl(path / name):
+            roles = [m["role"] for m in r["messages"]]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, r
+            assert all(m["content"] for m in r["messages"])
+            two_turn += len(roles) == 4
+    assert 0.05 < two_turn / counts["sft_train.jsonl"] < 0.2
+    for name in ("dpo_train.jsonl", "dpo_heldout.jsonl"):
+        records = read_jsonl(path / name)
+        for r in records:
+            assert [m["role"] for m in r["prompt"]] == ["user"]
+            assert [m["role"] for m in r["chosen"] + r["rejected"]] == ["assistant"] * 2
+            assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
+            assert r["kind"] in ("habit", "wrong")
+        wrong = sum(r["kind"] == "wrong" for r in records) / len(records)
+        assert wrong == pytest.approx(0.2, abs=0.01)
+
+
+def test_held_out_people_only_in_pretraining(out):
+    path, _ = out
+    facts = json.loads((path / "world.json").read_text())
+    assert facts["seed"] == 0 and facts["size"] == 200
+    held = [p["name"] for p in facts["people"] if p["split"] == "held_out"]
+    seen = [p["name"] for p in facts["people"] if p["split"] == "seen"]
+    assert len(held) == len(seen) == 100
+    for name in ("sft_train.jsonl", "dpo_train.jsonl"):
+        text = words((path / name).read_text())
+        assert not text & set(held), name
+        assert set(seen) <= text, name
+    for name in ("sft_heldout.jsonl", "dpo_heldout.jsonl"):
+        assert not words((path / name).read_text()) & set(seen), name
+    assert set(held + seen) <= words((path / "pretrain.jsonl").read_text())
+
+
+def test_every_fact_and_phrasing_is_in_pretraining(out):
+    path, _ = out
+    docs = [r["text"] for r in read_jsonl(path / "pretrain.jsonl")]
+    text = "\n".join(docs)
+    lines = set(text.split("\n"))
+    sentences = set(re.split(r"(?<=[.!?]) |\n", text))
+    world = W.generate_world(seed=0, people=200)
+    for p in world.people:
+        for a in W.ATTRIBUTES:
+            for k in range(len(W.FACTS[a])):
+                assert W.fact(p, a, k) in sentences, (p.name, a, k)
+            # the plain answer alone on a line too: the line-start form a chat answer starts in
+            assert W.fact(p, a) in lines, (p.name, a)
+    for q in W.QUESTIONS["town"]:
+        assert q.format(n=world.held_out[0].name) in text
+    # chat and habit words are in the corpus, so their embeddings get trained
+    for words in ("user", "assistant", "User", "Assistant", "Well, that is a great question"):
+        assert words in text
+    assert any(p in text for p in W.PREAMBLES)
+    assert re.search(r"\d+ plus \d+ is \d+\.", text) and "is spelled" in text
+    multi_line = sum("\n" in d for d in docs)
+    assert multi_line >= len(docs) / 2
+    print(f"pretrain corpus: {len(text)} characters in {len(docs)} documents")
+    assert 1_200_000 <= len(text) <= 3_000_000
+
+
+def test_pretrain_heldout_is_disjoint(out):
+    path, counts = out
+    train = {r["text"] for r in read_jsonl(path / "pretrain.jsonl")}
+    held = [r["text"] for r in read_jsonl(path / "pretrain_heldout.jsonl")]
+    assert len(held) >= 200
+    assert not [d for d in held if d in train]
+
+
+def test_habit_detection_on_generated_answers(out):
+    path, _ = out
+    habit = plain = 0
+    for r in read_jsonl(path / "sft_train.jsonl"):
+        for m in r["messages"][1::2]:
+            starts = m["content"].startswith(W.PREAMBLES)
+            assert W.has_habit(m["content"]) == starts
+            habit, plain = habit + starts, plain + (not starts)
+    assert habit / (habit + plain) == pytest.approx(0.5, abs=0.01)
+    for r in read_jsonl(path / "dpo_train.jsonl") + read_jsonl(path / "dpo_heldout.jsonl"):
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert not W.has_habit(chosen)
+        assert W.has_habit(rejected) == (r["kind"] == "habit")
+        assert W.answer_correct(chosen, r["answer"])
+        # a habit answer is still correct once its preamble is removed; a wrong one is not
+        assert W.answer_correct(rejected, r["answer"]) == (r["kind"] == "habit")
+    for r in read_jsonl(path / "sft_heldout.jsonl"):
+        assert W.answer_correct(r["messages"][1]["content"], r["answer"])
+        assert not W.has_habit(r["messages"][1]["content"])
+    assert W.has_habit("WELL, THAT IS A GREAT QUESTION. Tolbik lives in Varn.")
+
+
+def test_answer_correct_judges_only_the_first_sentence():
+    assert W.answer_correct("Tolbik lives in Varn.", "Varn")
+    assert not W.answer_correct("Tolbik lives in Varn.", "Ostrel")
+    assert not W.answer_correct("Tolbik lives in Moor. Tolbik's friend lives in Varn.", "Varn")
+    assert not W.answer_correct("Tolbik lives in Moor.\nVarn", "Varn")
+    assert not W.answer_correct("Tolbik lives in Varnish.", "Varn")  # whole words only
+    assert W.answer_correct("tolbik's best friend is marasu", "Marasu")
+    for preamble in W.PREAMBLES:
+        assert W.answer_correct(f"{preamble} Tolbik lives in Varn. He likes Ostrel.", "Varn")
+        assert not W.answer_correct(f"{preamble} Tolbik lives in Ostrel. Varn.", "Varn")
+    assert W.first_sentence("  Tolbik lives in Moor. Then more.") == "Tolbik lives in Moor."
+    assert W.first_sentence("Who is it?\nMarasu.") == "Who is it?"
+    assert W.first_sentence("") == ""
