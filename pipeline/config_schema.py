@@ -80,6 +80,11 @@ def _convert(value: Any, tp, key: str) -> Any:
         return build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-4` (no dot) as a string; every user means the number
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a hub revision written as a number
     if tp in (int, float, str, bool) and (type(value) is not tp):

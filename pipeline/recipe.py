@@ -195,6 +195,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for assignment in overrides:
         apply_override(data, assignment)
     data.setdefault("name", Path(path).stem)
+    if isinstance(data.get("base"), str):  # `base: google/gemma-2-2b` is short for `base: {path: ...}`
+        data["base"] = {"path": data["base"]}
     try:
         return build(Recipe, data)
     except PipelineError as exc:

@@ -233,7 +233,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", disable=not ctx.is_main,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=1.0)
     model.train()
     eval_loss = None
     started, tokens_seen = time.perf_counter(), 0

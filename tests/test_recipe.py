@@ -1,0 +1,98 @@
+"""Recipes: every shipped recipe validates; bad keys, types and paths are one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.recipe import check_data_files, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(REPO.glob("recipes/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name data paths relative to the repository root
+    recipe = load_recipe(path)
+    check_data_files(recipe, path)
+    assert recipe.stages
+
+
+def test_overrides_take_precedence_and_are_typed(write_recipe):
+    recipe = load_recipe(write_recipe(), ["pretrain.max_steps=50", "pretrain.learning_rate=1e-4",
+                                          "pretrain.model.num_layers=3"])
+    assert recipe.pretrain.max_steps == 50
+    assert recipe.pretrain.learning_rate == pytest.approx(1e-4)
+    assert recipe.pretrain.model.num_layers == 3
+    assert recipe.pretrain.seq_len == 64  # from the YAML
+    assert recipe.pretrain.adam_beta2 == 0.95  # from the dataclass default
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.max_stpes=5", "unknown key `pretrain.max_stpes` (did you mean `max_steps`?)"),
+        ("pretrain.modle.hidden_size=5", "unknown key `pretrain.modle` (did you mean `model`?)"),
+        ("pretrain.max_steps=abc", "pretrain.max_steps: expected int, got 'abc'"),
+        ("pretrain.precision=bf61", "pretrain.precision: expected one of"),
+        ("pretrain.micro_batch_size=3", "must be a multiple of micro_batch_size"),
+        ("pretrain.seq_len=4096", "exceeds model.max_position_embeddings"),
+    ],
+)
+def test_bad_recipe_values_are_named(write_recipe, override, message):
+    with pytest.raises(PipelineError) as info:
+        load_recipe(write_recipe(), [override])
+    assert message in str(info.value)
+    assert "tiny.yaml" in str(info.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\npretrain:\n  max_steps: [1, 2\n")
+    with pytest.raises(PipelineError, match=r"broken.yaml line \d+"):
+        load_recipe(path)
+
+
+def _cli(args, env, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("pretrain.max_stpes=5", "did you mean `max_steps`?"),
+        ("pretrain.max_steps=abc", "expected int"),
+        ("pretrain.train_data=[/nonexistent/corpus.jsonl]", "data file not found: /nonexistent/corpus.jsonl"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(write_recipe, cli_env, override, expected):
+    for verb in ("check", "run"):
+        result = _cli([verb, str(write_recipe()), override], cli_env)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert expected in lines[0]
+        assert "Traceback" not in result.stderr
+
+
+def test_check_is_quick_and_explains(write_recipe, cli_env):
+    result = _cli(["check", str(write_recipe()), "--explain"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "pretrain.max_steps: 600  # optimizer steps" in result.stdout
+    assert "ok; stages: tokenizer, pretrain" in result.stdout
+
+
+def test_base_replaces_tokenizer_and_pretrain(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("name: b\nbase: some/model\n")
+    recipe = load_recipe(path)
+    assert recipe.base.path == "some/model" and recipe.stages == []
+    path.write_text("name: b\nbase: {path: some/model}\ntokenizer: {corpus: [x.txt]}\n")
+    with pytest.raises(PipelineError, match="replaces the tokenizer and pretrain"):
+        load_recipe(path)
