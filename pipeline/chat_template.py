@@ -67,8 +67,18 @@ class ChatRenderer:
         if not getattr(tokenizer, "chat_template", None):
             raise PipelineError("the tokenizer has no chat template; a chat stage needs one")
         self.tokenizer = tokenizer
-        self.end_of_turn = end_of_turn_id(tokenizer)
+        self.end_of_turn = self._template_end_of_turn()
         self.system_ok = supports_system_role(tokenizer)
+
+    def _template_end_of_turn(self) -> int:
+        """The control token the template writes right after an assistant's text, else a known one."""
+        marker = _PLACEHOLDER.format(0)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": marker}], tokenize=False)
+        after = self._tokenize(text.split(marker, 1)[1], as_content=False)
+        if after and after[0] in set(self.tokenizer.all_special_ids):
+            return after[0]
+        return end_of_turn_id(self.tokenizer)
 
     def _tokenize(self, text: str, as_content: bool) -> list[int]:
         if not text:

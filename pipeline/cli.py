@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   pipeline run recipes/quickstart.yaml --only pretrain           one stage (its inputs must exist)
   pipeline check recipes/quickstart.yaml --explain               validate; list every key with its doc
   pipeline data generate --out data/tiny_world --seed 0          regenerate the built-in data
+  pipeline data check data/my_chats.jsonl --tokenizer runs/quickstart/tokenizer   audit a data file
 """
 
 
@@ -67,6 +68,37 @@ def _cmd_data_generate(args) -> int:
     return 0
 
 
+def _cmd_data_check(args) -> int:
+    from pipeline.data.readers import describe, read_records
+
+    result = read_records(args.file, args.kind, args.format, on_bad=args.on_bad)
+    print(describe(result))
+    if args.kind != "text" and args.tokenizer:
+        print("\nfirst record as the model sees it; [[...]] is what the loss trains on:")
+        print(render_marked(result.records[0], args.kind, args.tokenizer))
+    elif args.kind != "text":
+        print("\n(pass --tokenizer DIR, e.g. runs/quickstart/tokenizer, to see the tokens the loss covers)")
+    return 0
+
+
+def render_marked(record: dict, kind: str, tokenizer_dir: str) -> str:
+    """The rendered conversation with trained spans wrapped in [[ ]], token by token."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = record["messages"] if kind == "conversation" else record["prompt"] + record["chosen"]
+    rendered = ChatRenderer(tokenizer).render(messages)
+    out, inside = [], False
+    for token, trained in zip(rendered.input_ids, rendered.assistant_mask):
+        if trained != inside:
+            out.append("[[" if trained else "]]")
+            inside = bool(trained)
+        out.append(tokenizer.decode([token]))
+    return "".join(out) + ("]]" if inside else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -105,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     generate.add_argument("--people", type=int, default=200, help="number of invented people (default 200)")
     generate.set_defaults(func=_cmd_data_generate)
+    audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
+                                  description="Read FILE as the stages would and print what was read: detected "
+                                  "format, record counts, bad records by reason (with file and line), duplicates, "
+                                  "and one example rendered with the trained tokens marked.")
+    audit.add_argument("file", help="a .jsonl, .json, .parquet or .txt file, or a hub dataset id")
+    audit.add_argument("--kind", choices=["conversation", "preference", "text"], default="conversation",
+                       help="record kind the file should hold (default: conversation)")
+    audit.add_argument("--format", default="auto", help="format name; auto detects it from the first record")
+    audit.add_argument("--on-bad", choices=["error", "drop"], default="drop",
+                       help="stop at the first bad record, or count and list them (default: drop)")
+    audit.add_argument("--tokenizer", help="tokenizer folder used to render the example (e.g. runs/x/tokenizer)")
+    audit.set_defaults(func=_cmd_data_check)
     return parser
 
 

@@ -15,7 +15,7 @@ import yaml
 from pipeline.config_schema import apply_override, build, closest, option
 from pipeline.errors import PipelineError
 
-STAGE_ORDER = ("tokenizer", "pretrain")
+STAGE_ORDER = ("tokenizer", "pretrain", "sft")
 
 
 # ---------------------------------------------------------------- model sources
@@ -87,6 +87,8 @@ class PretrainConfig:
 
     train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on")
     eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data")
+    chat_data: list[str] = option([], "conversation files rendered with the chat template and mixed in, "
+                                  "so the chat control tokens are trained")
     eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty")
     model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
     seq_len: int = option(256, "tokens per packed block")
@@ -127,6 +129,58 @@ class PretrainConfig:
                 raise PipelineError(f"{prefix}.{name} must be at least 1")
 
 
+@dataclass
+class LoraArgs:
+    """LoRA adapters: W x + (alpha/r) B A x, with B zero at the start so the model starts equal to its base."""
+
+    r: int = option(16, "rank of the A and B matrices")
+    alpha: int = option(32, "scale numerator: the update is multiplied by alpha / r")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    target_modules: list[str] = option(["all-linear"], "module names to adapt; all-linear = every linear layer but the output head")
+    modules_to_save: list[str] = option([], "modules trained fully and saved with the adapter (e.g. embed_tokens)")
+
+    def validate(self, prefix: str) -> None:
+        if self.r < 1:
+            raise PipelineError(f"{prefix}.r must be at least 1")
+
+
+@dataclass
+class SftConfig:
+    """Instruction fine-tuning with LoRA on chat data (TRL's SFTTrainer), loss on assistant tokens only."""
+
+    train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)")
+    format: str = option("auto", "data format; auto detects it from the fields of the first record")
+    eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored")
+    eval_limit: int = option(200, "at most this many held-out conversations are answered before and after")
+    on_bad_record: Literal["error", "drop"] = option("error", "a malformed record stops the stage, or is dropped and counted")
+    duplicates: Literal["keep", "drop"] = option("keep", "exact duplicate conversations are kept or dropped (counted either way)")
+    too_long: Literal["drop", "truncate"] = option("drop", "conversations longer than max_length are dropped or cut (counted)")
+    max_length: int = option(512, "longest rendered conversation in tokens")
+    lora: LoraArgs = option(LoraArgs, "adapter shape")
+    quantization: Literal["none", "4bit"] = option("none", "4bit = QLoRA (bitsandbytes NF4 base), CUDA only")
+    epochs: float = option(5.0, "passes over the training conversations (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs")
+    global_batch_size: int = option(16, "conversations per optimizer step, summed over processes")
+    micro_batch_size: int = option(16, "conversations per forward pass on one process; accumulation is derived")
+    learning_rate: float = option(1e-3, "peak learning rate")
+    warmup_ratio: float = option(0.05, "share of steps with linear warmup")
+    lr_scheduler: str = option("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
+    logging_steps: int = option(10, "log the training loss every this many steps")
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)")
+    max_new_tokens: int = option(48, "tokens generated per held-out answer")
+
+    def validate(self, prefix: str) -> None:
+        if not self.train_data:
+            raise PipelineError(f"{prefix}.train_data: list at least one conversation file")
+        if self.global_batch_size % self.micro_batch_size:
+            raise PipelineError(
+                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -141,6 +195,7 @@ class Recipe:
     base: Optional[BaseModelConfig] = option(None, "start from this model instead of tokenizer + pretrain")
     tokenizer: Optional[TokenizerConfig] = option(None, "train a byte-level BPE tokenizer")
     pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
+    sft: Optional[SftConfig] = option(None, "instruction fine-tuning with LoRA adapters")
 
     def validate(self, prefix: str) -> None:
         if not self.name:
@@ -149,6 +204,8 @@ class Recipe:
             raise PipelineError("recipe: `base` replaces the tokenizer and pretrain stages; use one or the other")
         if self.pretrain and not self.tokenizer:
             raise PipelineError("recipe: the pretrain stage needs a `tokenizer` section to train its tokenizer")
+        if self.sft and not (self.pretrain or self.base):
+            raise PipelineError("recipe: the sft stage needs a model: a `pretrain` section or a `base` model")
         if not self.stages and not self.base:
             raise PipelineError("recipe: no stages; add a section such as `tokenizer:` and `pretrain:`")
 
@@ -167,7 +224,9 @@ class Recipe:
         if self.tokenizer:
             files["tokenizer"] = list(self.tokenizer.corpus)
         if self.pretrain:
-            files["pretrain"] = list(self.pretrain.train_data) + list(self.pretrain.eval_data)
+            files["pretrain"] = [*self.pretrain.train_data, *self.pretrain.chat_data, *self.pretrain.eval_data]
+        if self.sft:
+            files["sft"] = list(self.sft.train_data) + list(self.sft.eval_data)
         return files
 
 
@@ -205,9 +264,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
     """Every data file a stage names must exist (hub dataset ids are left to the loader)."""
+    from pipeline.data.readers import looks_like_hub_id
+
     for stage, files in recipe.data_files().items():
         for file in files:
-            if not Path(file).exists():
+            if not Path(file).exists() and not looks_like_hub_id(file):
                 raise PipelineError(f"{source}: {stage}: data file not found: {file}")
 
 

@@ -28,6 +28,7 @@ from pipeline.recipe import Recipe, check_data_files, stage_help
 STAGE_MODULES = {
     "tokenizer": "pipeline.stages.tokenizer",
     "pretrain": "pipeline.stages.pretrain",
+    "sft": "pipeline.stages.sft",
 }
 
 

@@ -84,3 +84,44 @@ def cli_env() -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_world, tmp_path_factory):
+    """Our chat tokenizer trained on the tiny world, loaded back with plain transformers."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pipeline.stages.tokenizer import load_chat_template, train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (tiny_world / "pretrain.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, 400, 2, load_chat_template("chatml"), show_progress=False).save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def gemma_folder(tiny_world, tmp_path_factory) -> Path:
+    """A tiny random Gemma-2 model with a Gemma-style chat template, saved like a hub download."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from pipeline.stages.tokenizer import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (tiny_world / "pretrain.jsonl").read_text().splitlines()]
+    template = (Path(__file__).parent / "fixtures" / "gemma2_chat_template.jinja").read_text()
+    tokenizer = train_tokenizer(texts, 400, 2, template, show_progress=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    out = tmp_path_factory.mktemp("gemma2")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

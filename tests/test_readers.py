@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.readers import _looks_like_hub_id, describe, read_records
+from pipeline.data.readers import looks_like_hub_id, describe, read_records
 from pipeline.errors import PipelineError
 
 
@@ -251,8 +251,8 @@ def test_missing_file_and_bad_arguments(tmp_path):
 
 
 def test_hub_ids(monkeypatch):
-    assert _looks_like_hub_id("Anthropic/hh-rlhf") and _looks_like_hub_id("tatsu-lab/alpaca:train[:100]")
-    assert not _looks_like_hub_id("data/x.jsonl") and not _looks_like_hub_id("/abs/x") and not _looks_like_hub_id("a/b/c")
+    assert looks_like_hub_id("Anthropic/hh-rlhf") and looks_like_hub_id("tatsu-lab/alpaca:train[:100]")
+    assert not looks_like_hub_id("data/x.jsonl") and not looks_like_hub_id("/abs/x") and not looks_like_hub_id("a/b/c")
     calls = []
 
     def load_dataset(name, split):

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.data import world as W
 
-FILES = ("pretrain.jsonl", "pretrain_heldout.jsonl", "sft_train.jsonl", "sft_heldout.jsonl",
+FILES = ("pretrain.jsonl", "pretrain_chat.jsonl", "pretrain_heldout.jsonl", "sft_train.jsonl", "sft_heldout.jsonl",
          "dpo_train.jsonl", "dpo_heldout.jsonl", "world.json", "README.md")
 
 
@@ -174,3 +174,26 @@ def test_answer_correct_judges_only_the_first_sentence():
     assert W.first_sentence("  Tolbik lives in Moor. Then more.") == "Tolbik lives in Moor."
     assert W.first_sentence("Who is it?\nMarasu.") == "Who is it?"
     assert W.first_sentence("") == ""
+
+
+def test_pretrain_chat_states_no_fact_about_people(out):
+    path, _ = out
+    records = read_jsonl(path / "pretrain_chat.jsonl")
+    assert len(records) == 6 * 200
+    fact_words = {"lives", "works", "pet", "friend", "colour", "town", "job"}
+    for record in records:
+        roles = [m["role"] for m in record["messages"]]
+        assert roles[::2] == ["user"] * (len(roles) // 2) and roles[1::2] == ["assistant"] * (len(roles) // 2)
+        for message in record["messages"]:
+            assert not words(message["content"]) & fact_words, message
+
+
+def test_committed_world_is_what_the_generator_writes(tmp_path):
+    """data/tiny_world must be regenerable byte for byte from its recorded seed and size."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[1] / "data" / "tiny_world"
+    facts = json.loads((committed / "world.json").read_text())
+    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"])
+    for name in sorted(p.name for p in committed.iterdir()):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name

@@ -59,8 +59,12 @@ class ReadResult:
 # ---------------------------------------------------------------------------- public API
 
 
-def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: str = "error") -> ReadResult:
-    """Read `path` (file or hub id) as records of `kind`; `fmt` is "auto" or a format name from FORMATS[kind]."""
+def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: str = "error",
+                 keep: tuple[str, ...] = ()) -> ReadResult:
+    """Read `path` (file or hub id) as records of `kind`; `fmt` is "auto" or a format name from FORMATS[kind].
+
+    `keep` names top-level fields copied unchanged into each record when present (e.g. "answer" for scoring).
+    """
     source = str(path)
     if kind not in FORMATS:
         raise PipelineError(f'unknown data kind "{kind}" (choose from {", ".join(KINDS)})')
@@ -94,7 +98,9 @@ def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: 
                 raise value
             if not isinstance(value, dict):
                 raise BadRecord("not_an_object", _not_object(loc, value))
-            result.records.append(convert(value, loc))
+            record = convert(value, loc)
+            record.update({key: value[key] for key in keep if key in value})
+            result.records.append(record)
         except BadRecord as bad:
             if on_bad == "error":
                 raise PipelineError(bad.message) from None
@@ -142,7 +148,7 @@ def _local_file(source: str) -> Path:
     return Path(source).expanduser()
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def looks_like_hub_id(source: str) -> bool:
     name = source.split(":", 1)[0].lower()
     return bool(_HUB_ID.match(source)) and not name.endswith(_SUFFIXES + (".gz", ".csv"))
 
@@ -150,7 +156,7 @@ def _looks_like_hub_id(source: str) -> bool:
 def _load_rows(source: str) -> list[Row]:
     path = _local_file(source)
     if not path.exists():
-        if _looks_like_hub_id(source):
+        if looks_like_hub_id(source):
             return _hub_rows(source)
         raise PipelineError(f"file not found: {source}")
     if path.is_dir():

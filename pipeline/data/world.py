@@ -249,6 +249,41 @@ def pretrain_docs(world: World) -> list[str]:
     return docs
 
 
+def pretrain_chat_records(world: World) -> list[dict]:
+    """Chat-formatted arithmetic and spelling, for pretraining: no facts about people.
+
+    Pretraining on these trains the chat control tokens (role markers, end of turn), which
+    LoRA cannot train later, without teaching any world fact in chat form.
+    """
+    rng = _rng(world.seed, "pretrain_chat")
+    words = [*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *(p.name for p in world.people)]
+    records = []
+    for _ in range(6 * len(world.people)):
+        turns = []
+        for _ in range(1 if rng.random() < 0.8 else 2):
+            kind = rng.randrange(3)
+            if kind == 0:
+                line = _arithmetic_line(rng)
+                left, result = line[:-1].rsplit(" is ", 1)
+                turns += [_user(f"What is {left}?"), _assistant(line)]
+            else:
+                word = rng.choice(words)
+                if kind == 1:
+                    turns += [_user(f"How is the word {word} spelled?"),
+                              _assistant(f"The word {word} is spelled {'-'.join(word)}.")]
+                else:
+                    letter = rng.choice(sorted(set(word.lower())))
+                    turns += [_user(f"How many letters {letter} are in {word}?"),
+                              _assistant(_spelling_line_count(word, letter))]
+        records.append({"messages": turns})
+    return records
+
+
+def _spelling_line_count(word: str, letter: str) -> str:
+    k = word.lower().count(letter)
+    return f"There {'is' if k == 1 else 'are'} {k} letter{'' if k == 1 else 's'} {letter} in {word}."
+
+
 def pretrain_heldout_docs(world: World, train_docs: list[str]) -> list[str]:
     """New shuffles and phrasings of the same facts, for perplexity; none equals a training doc."""
     rng = _rng(world.seed, "pretrain_heldout")
@@ -404,6 +439,8 @@ def _jsonl(records: list[dict]) -> str:
 _DESCRIPTIONS = {
     "pretrain.jsonl": ("text", "pretraining corpus: biographies, question-answer lines, lists, "
                                "arithmetic and spelling, about ALL people"),
+    "pretrain_chat.jsonl": ("conversation", "arithmetic and spelling in chat form, mixed into pretraining "
+                                            "so the chat control tokens are trained; no facts about people"),
     "pretrain_heldout.jsonl": ("text", "new shuffles and phrasings of the same facts, for perplexity; "
                                        "no document equals a pretrain.jsonl document"),
     "sft_train.jsonl": ("conversation", "questions about SEEN people; about half the answers start "
@@ -424,6 +461,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200) -> dict[s
     pretrain = pretrain_docs(world)
     files = {
         "pretrain.jsonl": [{"text": d} for d in pretrain],
+        "pretrain_chat.jsonl": pretrain_chat_records(world),
         "pretrain_heldout.jsonl": [{"text": d} for d in pretrain_heldout_docs(world, pretrain)],
         "sft_train.jsonl": sft_train_records(world),
         "sft_heldout.jsonl": sft_heldout_records(world),

@@ -31,6 +31,21 @@ def load_documents(files: list[str]) -> list[str]:
     return [r["text"] for f in files for r in read_records(f, "text").records if r["text"].strip()]
 
 
+def render_chats(files: list[str], tokenizer) -> list[list[int]]:
+    """Conversations as token ids through the one chat renderer, without the BOS that packing adds."""
+    if not files:
+        return []
+    from pipeline.chat_template import ChatRenderer
+
+    renderer = ChatRenderer(tokenizer)
+    out = []
+    for file in files:
+        for record in read_records(file, "conversation").records:
+            ids = renderer.render(record["messages"]).input_ids
+            out.append(ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids)
+    return out
+
+
 def split_documents(cfg: PretrainConfig, seed: int) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: from eval_data, or a seeded share of train_data."""
     train = load_documents(cfg.train_data)
@@ -46,19 +61,22 @@ def split_documents(cfg: PretrainConfig, seed: int) -> tuple[list[str], list[str
 def prepare_blocks(cfg: PretrainConfig, tokenizer, tokenizer_dir: Path, cache_dir: Path, seed: int, accelerator):
     """Tokenize and pack once (main process first; the others read its cache)."""
     key = cache_key(
-        *(file_sha256(f) for f in [*cfg.train_data, *cfg.eval_data]),
+        *(file_sha256(f) for f in [*cfg.train_data, *cfg.chat_data, *cfg.eval_data]),
         file_sha256(tokenizer_dir / "tokenizer.json"),
         str(cfg.seq_len), str(cfg.eval_fraction), str(seed),
     )
 
-    def build(documents):
-        return lambda: pack(tokenize_documents(documents, tokenizer), cfg.seq_len,
-                            tokenizer.bos_token_id, tokenizer.eos_token_id)
+    def build(documents, chats=()):
+        def tokenize():
+            ids = tokenize_documents(documents, tokenizer) + list(chats)
+            random.Random(seed).shuffle(ids)  # mix chat documents in among the text
+            return pack(ids, cfg.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        return tokenize
 
     with accelerator.main_process_first():
         train_docs, eval_docs = split_documents(cfg, seed)
         try:
-            train = load_or_pack(cache_dir, key + "-train", build(train_docs))
+            train = load_or_pack(cache_dir, key + "-train", build(train_docs, render_chats(cfg.chat_data, tokenizer)))
             heldout = load_or_pack(cache_dir, key + "-eval", build(eval_docs))
         except ValueError as exc:
             raise PipelineError(f"pretrain data: {exc}; add text or lower pretrain.seq_len") from None

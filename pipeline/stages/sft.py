@@ -1,0 +1,270 @@
+"""sft stage: LoRA instruction fine-tuning through TRL's SFTTrainer, loss on assistant tokens only.
+
+We render and mask conversations ourselves (pipeline/chat_template.py) and hand TRL ready
+`input_ids` + `labels`: TRL would otherwise render with the tokenizer, which turns a typed
+"<|end|>" in user text into a control token. The trainer does the rest (loop, accumulation,
+checkpoints, resume).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from pipeline.artifacts import append_jsonl, atomic_write_json
+from pipeline.chat_template import ChatRenderer
+from pipeline.data.readers import describe, read_records
+from pipeline.errors import PipelineError
+from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
+from pipeline.models import count_parameters, load_base_model, resolve_dtype
+from pipeline.recipe import SftConfig
+
+# ---------------------------------------------------------------- data
+
+
+def load_conversations(files: list[str], fmt: str, on_bad: str, keep=()) -> tuple[list[dict], dict]:
+    records, report = [], {"dropped": {}, "duplicates": 0, "files": {}}
+    for file in files:
+        result = read_records(file, "conversation", fmt, on_bad=on_bad, keep=keep)
+        records += result.records
+        report["files"][file] = {"format": result.format, "records": len(result.records)}
+        report["duplicates"] += result.duplicates
+        for reason, count in result.dropped.items():
+            report["dropped"][reason] = report["dropped"].get(reason, 0) + count
+    return records, report
+
+
+def tokenize_conversations(records: list[dict], renderer: ChatRenderer, cfg: SftConfig) -> tuple[list[dict], dict]:
+    """input_ids + labels (-100 off the assistant tokens), applying the duplicate and length policies."""
+    rows, seen = [], set()
+    counts = {"duplicates_dropped": 0, "too_long_dropped": 0, "too_long_truncated": 0, "no_trained_tokens": 0}
+    for record in records:
+        key = json.dumps(record["messages"], sort_keys=True)
+        if cfg.duplicates == "drop" and key in seen:
+            counts["duplicates_dropped"] += 1
+            continue
+        seen.add(key)
+        rendered = renderer.render(record["messages"])
+        ids, mask = rendered.input_ids, rendered.assistant_mask
+        if len(ids) > cfg.max_length:
+            if cfg.too_long == "drop":
+                counts["too_long_dropped"] += 1
+                continue
+            ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+            counts["too_long_truncated"] += 1
+        if not any(mask):
+            counts["no_trained_tokens"] += 1  # truncation cut every assistant token
+            continue
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return rows, counts
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_model_and_tokenizer(ctx, cfg: SftConfig, device_type: str):
+    """The model to adapt: the pretrain stage's output, or the recipe's base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantization = _quantization_config(cfg, device_type)
+    if ctx.recipe.base is not None:
+        if quantization is not None:
+            return _load_quantized(ctx.recipe.base.path, quantization, ctx.recipe.base.trust_remote_code)
+        model, tokenizer = load_base_model(ctx.recipe.base, device_type)
+        return model, tokenizer, ctx.recipe.base.path
+    source = ctx.output_of("pretrain").resolve()
+    if quantization is not None:
+        return _load_quantized(str(source), quantization, False)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(source), str(source)
+
+
+def _quantization_config(cfg: SftConfig, device_type: str):
+    if cfg.quantization == "none":
+        return None
+    if device_type != "cuda":
+        # On the CPU, bitsandbytes repacks 4-bit weights in place after any eval forward or generate()
+        # and later LoRA gradients come out wrong with only a warning (see ../shared/env-notes.md).
+        raise PipelineError("sft.quantization=4bit (QLoRA) needs a CUDA GPU; on this machine use "
+                            "sft.quantization=none (plain LoRA)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _load_quantized(source: str, quantization, trust_remote_code: bool):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    attn = "eager" if config.model_type.startswith("gemma") else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 attn_implementation=attn, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source
+
+
+def attach_lora(model, cfg: SftConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.target_modules
+    config = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=cfg.lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int) -> dict:
+    if not records:
+        return {}
+    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed)
+    return {**score_answers(records, replies), "examples": [
+        {"prompt": prompts_of([r])[0][-1]["content"], "reply": reply, "answer": r.get("answer")}
+        for r, reply in list(zip(records, replies))[:5]
+    ]}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(cfg: SftConfig, ctx) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    accelerator, seed = ctx.accelerator, ctx.recipe.seed
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    world = accelerator.num_processes
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise PipelineError(f"sft.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} "
+                            f"process(es) x micro_batch_size ({cfg.micro_batch_size})")
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+
+    # model and data
+    model, tokenizer, base_source = load_model_and_tokenizer(ctx, cfg, device_type)
+    renderer = ChatRenderer(tokenizer)
+    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record)
+    rows, counts = tokenize_conversations(records, renderer, cfg)
+    if not rows:
+        raise PipelineError(f"sft: no trainable conversations left ({counts})")
+    eval_records, _ = load_conversations(cfg.eval_data, "auto", "error", keep=("answer",)) if cfg.eval_data else ([], {})
+    eval_records = eval_records[: cfg.eval_limit]
+    trained_tokens = sum(sum(1 for t in r["labels"] if t != -100) for r in rows)
+    ctx.log(f"{len(rows):,} conversations ({trained_tokens:,} trained tokens); dropped {report['dropped'] or 'none'}; "
+            f"duplicates {report['duplicates']} ({cfg.duplicates}); length policy {counts}")
+
+    before = heldout_scores(model, tokenizer, eval_records, cfg, seed)
+    if before:
+        ctx.log(f"held-out before sft: accuracy {before['answer_accuracy']:.3f}, habit {before['habit_rate']:.3f}")
+
+    model = attach_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    ctx.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} trainable of "
+            f"{total:,} parameters ({100 * trainable / total:.2f}%); {cfg.global_batch_size} conversations per step = "
+            f"{world} process(es) x {cfg.micro_batch_size} x {accumulation} accumulation")
+
+    # train
+    from datasets import Dataset
+
+    bf16 = resolve_dtype(ctx.recipe.base.dtype if ctx.recipe.base else "auto", device_type) == torch.bfloat16 \
+        if cfg.precision == "auto" else cfg.precision == "bf16"
+    checkpoints = ctx.out_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        weight_decay=cfg.weight_decay,
+        bf16=bf16,
+        fp16=cfg.precision == "fp16",
+        use_cpu=device_type == "cpu",
+        gradient_checkpointing=False,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=["tensorboard"],
+        seed=seed,
+        data_seed=seed,
+        max_length=None,  # lengths are already handled by our policy above
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not ctx.is_main,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main)],
+    )
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        ctx.log(f"resuming from {Path(last).name}")
+    result = trainer.train(resume_from_checkpoint=last)
+    model = trainer.model
+
+    # evaluate and save
+    after = heldout_scores(model, tokenizer, eval_records, cfg, seed)
+    if after:
+        ctx.log(f"held-out after sft: accuracy {after['answer_accuracy']:.3f}, habit {after['habit_rate']:.3f}")
+    if ctx.is_main:
+        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, base_source)
+    accelerator.wait_for_everyone()
+
+    return {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "conversations": len(rows),
+        "trained_tokens": trained_tokens,
+        "data": {**report, **counts},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "gradient_accumulation": accumulation,
+        "world_size": world,
+        "heldout_before": before,
+        "heldout_after": after,
+        "base": base_source,
+    }
+
+
+def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str) -> None:
+    """adapter_model.safetensors + adapter_config.json (base recorded), tokenizer, generation config."""
+    model.peft_config["default"].base_model_name_or_path = base_source
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    generation = model.generation_config
+    generation.eos_token_id = stop_token_ids(tokenizer, renderer)  # stop at the end of the assistant's turn
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out_dir)
+    atomic_write_json(out_dir / "lineage.json", {"base": base_source, "adapters": [str(out_dir.resolve())]})
+
+
+class MetricsLog(TrainerCallback):
+    """Append every logged dict to metrics.jsonl, for reports and plots."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.enabled and logs:
+            append_jsonl(self.path, {"step": state.global_step, **logs})

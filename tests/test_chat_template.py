@@ -1,0 +1,74 @@
+"""One render path: assistant masks, exactly one BOS, and user text never becomes control tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.chat_template import ChatRenderer
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Where does Tolbik live?"},
+    {"role": "assistant", "content": "Tolbik lives in Varn."},
+    {"role": "user", "content": "And his pet?"},
+    {"role": "assistant", "content": "Tolbik has a pet cat."},
+]
+
+
+def test_mask_covers_exactly_assistant_text_and_end_of_turn(tiny_tokenizer):
+    rendered = ChatRenderer(tiny_tokenizer).render(CONVERSATION)
+    ids, mask = rendered.input_ids, rendered.assistant_mask
+    spans, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    assert [tiny_tokenizer.decode(s) for s in spans] == ["Tolbik lives in Varn.<|end|>", "Tolbik has a pet cat.<|end|>"]
+    end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
+    assert [s[-1] for s in spans] == [end, end]  # the model learns to stop
+    assert ids.count(tiny_tokenizer.bos_token_id) == 1 and ids[0] == tiny_tokenizer.bos_token_id
+
+
+def test_render_matches_the_tokenizers_own_template_on_plain_text(tiny_tokenizer):
+    ours = ChatRenderer(tiny_tokenizer).render(CONVERSATION)
+    theirs = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+    assert ours.input_ids == theirs["input_ids"]
+    assert ours.assistant_mask == theirs["assistant_masks"]
+
+
+def test_prompt_ids_are_a_prefix_of_the_training_render(tiny_tokenizer):
+    renderer = ChatRenderer(tiny_tokenizer)
+    full = renderer.render(CONVERSATION[:3]).input_ids
+    prompt = renderer.prompt_ids(CONVERSATION[:2])
+    assert full[: len(prompt)] == prompt
+    assert tiny_tokenizer.decode(full[len(prompt):]) == "Tolbik lives in Varn.<|end|>"
+
+
+@pytest.mark.parametrize("special", ["<|end|>", "<|assistant|>", "<|bos|>", "<|eos|>", "<|pad|>", "<|system|>",
+                                     "<|user|>", "<start_of_turn>", "<|im_end|>"])
+def test_special_token_strings_in_user_text_stay_text(tiny_tokenizer, special):
+    renderer = ChatRenderer(tiny_tokenizer)
+    clean = renderer.render([{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "ok"}])
+    injected = renderer.render([{"role": "user", "content": f"hi {special} there"},
+                                {"role": "assistant", "content": f"ok {special}"}])
+    control = set(tiny_tokenizer.all_special_ids)
+    assert sum(t in control for t in injected.input_ids) == sum(t in control for t in clean.input_ids)
+    assert special in tiny_tokenizer.decode(injected.input_ids)
+
+
+def test_gemma_template_folds_the_system_message(gemma_folder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_folder)
+    renderer = ChatRenderer(tokenizer)
+    assert not renderer.system_ok
+    rendered = renderer.render(CONVERSATION)
+    text = tokenizer.decode(rendered.input_ids)
+    assert text.startswith("<|bos|><start_of_turn>user\nAnswer briefly.\n\nWhere does Tolbik live?<end_of_turn>")
+    masked = tokenizer.decode([t for t, m in zip(rendered.input_ids, rendered.assistant_mask) if m])
+    assert masked == "Tolbik lives in Varn.<end_of_turn>Tolbik has a pet cat.<end_of_turn>"

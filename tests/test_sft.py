@@ -1,0 +1,151 @@
+"""sft stage: LoRA starts equal to its base, trains only adapters, saves a plain PEFT checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.artifacts import file_sha256, read_json
+from pipeline.errors import PipelineError
+from pipeline.recipe import LoraArgs, SftConfig, load_recipe
+from pipeline.run import run_recipe
+
+
+def sft_section(world, **extra) -> dict:
+    return {
+        "train_data": [str(world / "sft_train.jsonl")],
+        "eval_data": [str(world / "sft_heldout.jsonl")],
+        "eval_limit": 8,
+        "lora": {"r": 4, "alpha": 8},
+        "max_steps": 6,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 2,
+        "max_new_tokens": 12,
+        "precision": "fp32",
+        **extra,
+    }
+
+
+def test_lora_model_starts_equal_to_its_base():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pipeline.stages.sft import attach_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits.clone()
+    model = attach_lora(base, SftConfig(train_data=["x"], lora=LoraArgs(r=4, alpha=8)))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n in lora)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_sft_stage_trains_only_the_adapter_and_saves_a_peft_checkpoint(write_recipe, tiny_world):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = write_recipe()
+    run_recipe(load_recipe(path))  # tokenizer + pretrain
+    run_dir = load_recipe(path).run_dir
+    base_hash = file_sha256(run_dir / "pretrain" / "model.safetensors")
+
+    path = write_recipe(updates={"sft": sft_section(tiny_world)})
+    records = run_recipe(load_recipe(path))
+    assert records["pretrain"]["status"] == "done"  # skipped: adding a later stage changes nothing before it
+    sft_dir = run_dir / "sft"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "generation_config.json", "stage.json"):
+        assert (sft_dir / name).is_file(), name
+    assert file_sha256(run_dir / "pretrain" / "model.safetensors") == base_hash  # base untouched
+
+    adapter_config = json.loads((sft_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((run_dir / "pretrain").resolve())
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    generation = GenerationConfig.from_pretrained(sft_dir)
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in generation.eos_token_id
+    assert generation.pad_token_id != tokenizer.convert_tokens_to_ids("<|end|>")
+
+    # plain transformers + peft load it; only lora weights were trained
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain")
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, sft_dir).eval()
+    adapter = load_file(sft_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B moved off zero
+    for name, value in model.get_base_model().state_dict().items():
+        clean = name.replace(".base_layer", "")
+        if "lora_" not in name:
+            assert torch.equal(value, original[clean]), name
+
+    metrics = read_json(sft_dir / "stage.json")["metrics"]
+    assert metrics["steps"] == 6 and metrics["trainable_parameters"] < metrics["total_parameters"]
+    for key in ("heldout_before", "heldout_after"):
+        assert 0.0 <= metrics[key]["answer_accuracy"] <= 1.0 and metrics[key]["scored"] == 8
+    assert (sft_dir / "metrics.jsonl").is_file()
+
+
+def test_qlora_without_a_gpu_is_refused(write_recipe, tiny_world):
+    path = write_recipe(updates={"sft": sft_section(tiny_world, quantization="4bit")})
+    with pytest.raises(PipelineError, match=r"QLoRA\) needs a CUDA GPU"):
+        run_recipe(load_recipe(path))
+
+
+def test_bad_record_names_file_line_and_field(write_recipe, tiny_world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(empty) + "\n")
+    path = write_recipe(updates={"sft": sft_section(tiny_world, train_data=[str(bad)], eval_data=[])})
+    with pytest.raises(PipelineError, match=r"bad.jsonl line 2.*messages\[1\]\.content"):
+        run_recipe(load_recipe(path))
+
+
+def test_gemma2_base_model_path(tiny_world, gemma_folder, tmp_path):
+    """A local Gemma-2 folder as `base:`: eager attention, system folded into the first user turn."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "with_system.jsonl"
+    lines = [json.loads(x) for x in (tiny_world / "sft_train.jsonl").read_text().splitlines()[:24]]
+    for record in lines[::2]:
+        record["messages"].insert(0, {"role": "system", "content": "Answer in one sentence."})
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    recipe = tmp_path / "gemma.yaml"
+    recipe.write_text(json.dumps({
+        "name": "gemma", "output_dir": str(tmp_path / "runs"),
+        "base": {"path": str(gemma_folder), "dtype": "float32"},
+        "sft": sft_section(tiny_world, train_data=[str(data)], max_steps=3),
+    }))
+    records = run_recipe(load_recipe(recipe))
+    sft_dir = tmp_path / "runs" / "gemma" / "sft"
+    assert records["sft"]["metrics"]["base"] == str(gemma_folder)
+    base = AutoModelForCausalLM.from_pretrained(gemma_folder)
+    assert base.config._attn_implementation == "eager"
+    model = PeftModel.from_pretrained(base, sft_dir)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_data_check_marks_trained_tokens(tiny_world, tiny_tokenizer, tmp_path, cli_env):
+    import subprocess
+    import sys
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "data", "check", str(tiny_world / "sft_train.jsonl"),
+                             "--tokenizer", str(tmp_path / "tok")], capture_output=True, text=True, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "format:     messages" in result.stdout
+    assert "<|assistant|>[[" in result.stdout and "<|end|>]]" in result.stdout
