@@ -98,10 +98,15 @@ class ChatRenderer:
         for i, message in enumerate(messages):
             marker = _PLACEHOLDER.format(i)
             at = text.index(marker, cursor)
-            piece = self._tokenize(text[cursor:at], as_content=False)
+            before, lead = text[cursor:at], ""
+            if before.endswith(" "):
+                # a space the template puts before the text belongs to the text's first word,
+                # exactly as tokenizing the whole rendered string would merge it (" Nozan")
+                before, lead = before[:-1], " "
+            piece = self._tokenize(before, as_content=False)
             ids += piece
             mask += self._closing_mask(piece, close_turn)
-            content = self._tokenize(message["content"], as_content=True)
+            content = self._tokenize(lead + message["content"], as_content=True)
             is_assistant = message["role"] == "assistant"
             ids += content
             mask += [int(is_assistant)] * len(content)

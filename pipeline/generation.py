@@ -40,7 +40,9 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  eos_token_id=stop_token_ids(tokenizer, renderer), pad_token_id=pad_id, **sampling)
             for row in out[:, width:]:
-                replies.append(tokenizer.decode(row, skip_special_tokens=True))
+                reply = tokenizer.decode(row, skip_special_tokens=True)
+                # templates that put a space between the role marker and the text leave it on the reply
+                replies.append(reply[1:] if reply.startswith(" ") else reply)
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

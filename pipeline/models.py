@@ -130,3 +130,30 @@ def set_threads_from_env() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
         torch.set_num_threads(int(threads))
+
+
+def load_stage_model(stage_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A stage's model and tokenizer: a full model folder, or base + chain of adapters from lineage.json.
+
+    Earlier adapters are merged into the weights in order (as training saw them); the last stays a
+    PeftModel, so `disable_adapter()` gives that stage's reference model.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage_dir = Path(stage_dir)
+    lineage_file = stage_dir / "lineage.json"
+    if not lineage_file.is_file():
+        if not (stage_dir / "config.json").is_file():
+            raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
+        model = AutoModelForCausalLM.from_pretrained(stage_dir, dtype=dtype, use_safetensors=True)
+        return model, AutoTokenizer.from_pretrained(stage_dir)
+    import json
+
+    lineage = json.loads(lineage_file.read_text())
+    model = AutoModelForCausalLM.from_pretrained(lineage["base"], dtype=dtype, use_safetensors=True)
+    adapters = lineage["adapters"]
+    for adapter in adapters[:-1]:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = PeftModel.from_pretrained(model, adapters[-1])
+    return model, AutoTokenizer.from_pretrained(stage_dir)

@@ -15,7 +15,7 @@ import yaml
 from pipeline.config_schema import apply_override, build, closest, option
 from pipeline.errors import PipelineError
 
-STAGE_ORDER = ("tokenizer", "pretrain", "sft")
+STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo")
 
 
 # ---------------------------------------------------------------- model sources
@@ -181,6 +181,48 @@ class SftConfig:
             )
 
 
+@dataclass
+class DpoConfig:
+    """Direct Preference Optimization of the SFT model (TRL's DPOTrainer); the reference is the SFT model."""
+
+    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)")
+    format: str = option("auto", "data format; auto detects it from the fields of the first record")
+    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins")
+    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate")
+    eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts")
+    bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
+    beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)")
+    loss_type: list[str] = option(["sigmoid"], "TRL loss types (sigmoid, ipo, robust, ...); several are summed with loss_weights")
+    loss_weights: list[float] = option([], "one weight per loss_type; empty = all 1")
+    label_smoothing: float = option(0.0, "assumed label noise for the robust / smoothed sigmoid losses")
+    precompute_ref_log_probs: bool = option(False, "compute the reference log-probs once before training (faster steps)")
+    max_length: int = option(512, "longest prompt + response in tokens; longer pairs are dropped and counted")
+    lora: LoraArgs = option(LoraArgs, "shape of the fresh DPO adapter")
+    epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs")
+    global_batch_size: int = option(16, "pairs per optimizer step, summed over processes")
+    micro_batch_size: int = option(8, "pairs per forward pass on one process; accumulation is derived")
+    learning_rate: float = option(2e-4, "peak learning rate")
+    warmup_ratio: float = option(0.1, "share of steps with linear warmup")
+    lr_scheduler: str = option("cosine", "transformers scheduler name")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
+    logging_steps: int = option(5, "log loss, rewards and log-probs every this many steps")
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)")
+    stuck_after_steps: int = option(10, "stop loudly if the reward margin is still exactly zero after this many steps")
+    max_new_tokens: int = option(48, "tokens generated per held-out answer")
+
+    def validate(self, prefix: str) -> None:
+        if not self.train_data:
+            raise PipelineError(f"{prefix}.train_data: list at least one preference file")
+        if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
+            raise PipelineError(f"{prefix}.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise PipelineError(
+                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -196,6 +238,7 @@ class Recipe:
     tokenizer: Optional[TokenizerConfig] = option(None, "train a byte-level BPE tokenizer")
     pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
     sft: Optional[SftConfig] = option(None, "instruction fine-tuning with LoRA adapters")
+    dpo: Optional[DpoConfig] = option(None, "preference optimisation against the SFT model")
 
     def validate(self, prefix: str) -> None:
         if not self.name:
@@ -206,6 +249,8 @@ class Recipe:
             raise PipelineError("recipe: the pretrain stage needs a `tokenizer` section to train its tokenizer")
         if self.sft and not (self.pretrain or self.base):
             raise PipelineError("recipe: the sft stage needs a model: a `pretrain` section or a `base` model")
+        if self.dpo and not self.sft:
+            raise PipelineError("recipe: the dpo stage starts from the SFT model; add an `sft` section")
         if not self.stages and not self.base:
             raise PipelineError("recipe: no stages; add a section such as `tokenizer:` and `pretrain:`")
 
@@ -227,6 +272,8 @@ class Recipe:
             files["pretrain"] = [*self.pretrain.train_data, *self.pretrain.chat_data, *self.pretrain.eval_data]
         if self.sft:
             files["sft"] = list(self.sft.train_data) + list(self.sft.eval_data)
+        if self.dpo:
+            files["dpo"] = [*self.dpo.train_data, *self.dpo.eval_data, *self.dpo.answer_data]
         return files
 
 

@@ -29,6 +29,7 @@ STAGE_MODULES = {
     "tokenizer": "pipeline.stages.tokenizer",
     "pretrain": "pipeline.stages.pretrain",
     "sft": "pipeline.stages.sft",
+    "dpo": "pipeline.stages.dpo",
 }
 
 

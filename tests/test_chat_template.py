@@ -27,7 +27,7 @@ def test_mask_covers_exactly_assistant_text_and_end_of_turn(tiny_tokenizer):
             current = []
     if current:
         spans.append(current)
-    assert [tiny_tokenizer.decode(s) for s in spans] == ["Tolbik lives in Varn.<|end|>", "Tolbik has a pet cat.<|end|>"]
+    assert [tiny_tokenizer.decode(s) for s in spans] == [" Tolbik lives in Varn.<|end|>", " Tolbik has a pet cat.<|end|>"]
     end = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     assert [s[-1] for s in spans] == [end, end]  # the model learns to stop
     assert ids.count(tiny_tokenizer.bos_token_id) == 1 and ids[0] == tiny_tokenizer.bos_token_id
@@ -46,7 +46,7 @@ def test_prompt_ids_are_a_prefix_of_the_training_render(tiny_tokenizer):
     full = renderer.render(CONVERSATION[:3]).input_ids
     prompt = renderer.prompt_ids(CONVERSATION[:2])
     assert full[: len(prompt)] == prompt
-    assert tiny_tokenizer.decode(full[len(prompt):]) == "Tolbik lives in Varn.<|end|>"
+    assert tiny_tokenizer.decode(full[len(prompt):]) == " Tolbik lives in Varn.<|end|>"
 
 
 @pytest.mark.parametrize("special", ["<|end|>", "<|assistant|>", "<|bos|>", "<|eos|>", "<|pad|>", "<|system|>",

@@ -52,9 +52,9 @@ def test_chat_template_marks_assistant_tokens(tokenizer):
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     marked = tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    assert marked == "Tolbik lives in Varn.<|end|>A cat.<|end|>"
+    assert marked == " Tolbik lives in Varn.<|end|> A cat.<|end|>"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|bos|><|user|>Where does Tolbik live?<|end|><|assistant|>"
+    assert prompt == "<|bos|><|user|> Where does Tolbik live?<|end|><|assistant|>"
 
 
 def test_unknown_template_is_a_clear_error():

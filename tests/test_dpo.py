@@ -1,0 +1,163 @@
+"""dpo stage: ln 2 at the start, TRL's loss equals the formula, the reference is the SFT model, rebuilds exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.artifacts import read_json
+from pipeline.errors import StageFailed
+from pipeline.recipe import load_recipe
+from pipeline.run import run_recipe
+from tests.test_sft import sft_section
+
+
+def dpo_section(world, **extra) -> dict:
+    return {
+        "train_data": [str(world / "dpo_train.jsonl")],
+        "eval_data": [str(world / "dpo_heldout.jsonl")],
+        "answer_data": [str(world / "sft_heldout.jsonl")],
+        "eval_limit": 8,
+        "lora": {"r": 4, "alpha": 8},
+        "max_steps": 4,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "max_new_tokens": 12,
+        "precision": "fp32",
+        "beta": 0.1,
+        **extra,
+    }
+
+
+def test_trl_dpo_loss_matches_the_formula():
+    """-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) by hand, against TRL's loss on one batch."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipeline.logprobs import completion_logps
+    from pipeline.stages.dpo import PretokenizedDPOTrainer
+
+    torch.manual_seed(0)
+    vocab = {f"t{i}": i for i in range(40)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                        pad_token="t0", eos_token="t1")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          num_key_value_heads=2))
+    rows = [{"prompt_ids": [2, 3, 4], "chosen_ids": [5, 6, 1], "rejected_ids": [7, 1]},
+            {"prompt_ids": [8, 9], "chosen_ids": [10, 11, 12, 1], "rejected_ids": [13, 14, 1]}]
+    beta = 0.3
+    args = DPOConfig(output_dir="/tmp/unused-dpo", beta=beta, use_cpu=True, bf16=False, report_to=[],
+                     per_device_train_batch_size=2, max_length=None, gradient_checkpointing=False)
+    trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tokenizer,
+                                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    policy = trainer.model
+    with torch.no_grad():  # move the adapter off zero so policy != reference
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    policy.eval()
+    chosen = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
+    rejected = [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+    pi_w, pi_l = completion_logps(policy, chosen, 0), completion_logps(policy, rejected, 0)
+    with policy.disable_adapter():
+        ref_w, ref_l = completion_logps(policy, chosen, 0), completion_logps(policy, rejected, 0)
+    by_hand = -torch.nn.functional.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).mean()
+    assert abs(by_hand.item() - math.log(2)) > 1e-3  # the check is not trivially at ln 2
+
+    batch = DataCollatorForPreference(pad_token_id=0)(rows)
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(policy, batch, return_outputs=False)
+    assert trl_loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_world, tmp_path_factory):
+    """tokenizer -> pretrain -> sft -> dpo on the tiny world, tiny sizes."""
+    from tests.conftest import tiny_recipe_dict
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = tiny_recipe_dict(tiny_world, tmp / "runs", "dpo")
+    data["sft"] = sft_section(tiny_world)
+    data["dpo"] = dpo_section(tiny_world)
+    path = tmp / "dpo.yaml"
+    path.write_text(json.dumps(data))
+    records = run_recipe(load_recipe(path))
+    return load_recipe(path).run_dir, records
+
+
+def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):
+    run_dir, records = dpo_run
+    logs = [json.loads(line) for line in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in logs if "loss" in r)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    later = [r for r in logs if "rewards/margins" in r][-1]
+    assert later["rewards/margins"] != 0.0
+    for key in ("rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert key in first
+    metrics = records["dpo"]["metrics"]
+    assert math.isfinite(metrics["kl_from_sft"]) and metrics["kl_from_sft"] >= 0
+    assert metrics["before"]["preference"]["preference_accuracy"] == 0.5  # all ties at step 0
+    for key in ("preference_accuracy", "reward_margin"):
+        assert key in metrics["after"]["preference"]
+    for key in ("answer_accuracy", "habit_rate", "habit_rate_sampled"):
+        assert key in metrics["after"]["answers"]
+    lineage = read_json(run_dir / "dpo" / "lineage.json")
+    assert lineage["adapters"][0] == str((run_dir / "sft").resolve())
+
+
+def test_rebuilt_policy_equals_in_memory_policy_and_reference_is_sft(dpo_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.logprobs import completion_logps
+    from pipeline.models import load_stage_model
+    from pipeline.stages.dpo import load_pairs, tokenize_pairs
+
+    run_dir, records = dpo_run
+    # plain transformers + peft, as the README shows
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain")
+    sft = PeftModel.from_pretrained(base, run_dir / "sft").merge_and_unload()
+    policy = PeftModel.from_pretrained(sft, run_dir / "dpo").eval()
+    ours, tokenizer = load_stage_model(run_dir / "dpo")
+    pairs, _ = load_pairs(records["dpo"]["config"]["train_data"], "auto", "drop")
+    rows, _ = tokenize_pairs(pairs[:4], ChatRenderer(tokenizer), 512)
+    chosen = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
+    rebuilt = completion_logps(policy, chosen, tokenizer.pad_token_id)
+    assert rebuilt.tolist() == pytest.approx(records["dpo"]["metrics"]["probe_chosen_logps"], abs=1e-4)
+    assert completion_logps(ours.eval(), chosen, tokenizer.pad_token_id).tolist() == pytest.approx(rebuilt.tolist(), abs=1e-5)
+
+    # the reference (adapter off) is the SFT model, unchanged by DPO
+    sft_model, _ = load_stage_model(run_dir / "sft")
+    with policy.disable_adapter():
+        reference = completion_logps(policy, chosen, tokenizer.pad_token_id)
+    assert reference.tolist() == pytest.approx(completion_logps(sft_model.eval(), chosen, tokenizer.pad_token_id).tolist(), abs=1e-4)
+    assert (rebuilt - reference).abs().max() > 1e-4  # and DPO did move the policy
+
+
+def test_zero_beta_is_stopped_loudly(tiny_world, dpo_run, tmp_path):
+    import shutil
+
+    from tests.conftest import tiny_recipe_dict
+
+    run_dir, _ = dpo_run
+    shutil.copytree(run_dir, tmp_path / "runs" / "dpo")  # reuse its tokenizer, pretrain and sft stages
+    data = tiny_recipe_dict(tiny_world, tmp_path / "runs", "dpo")
+    data["sft"] = sft_section(tiny_world)
+    data["dpo"] = dpo_section(tiny_world, beta=0.0, max_steps=6, stuck_after_steps=3)
+    path = tmp_path / "stuck.yaml"
+    path.write_text(json.dumps(data))
+    with pytest.raises(StageFailed, match="reward margin is still exactly 0"):
+        run_recipe(load_recipe(path), only="dpo")
