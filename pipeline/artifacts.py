@@ -60,3 +60,28 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
+
+
+def last_complete_trainer_checkpoint(folder: Path) -> str | None:
+    """Newest `checkpoint-N` a transformers Trainer finished writing, or None.
+
+    The Trainer writes checkpoints in place and trainer_state.json last, so a folder without it
+    was cut off by a crash: it is removed and the previous checkpoint is used.
+    """
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]))
+    for candidate in reversed(candidates):
+        if (candidate / "trainer_state.json").is_file():
+            return str(candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the curve has no repeats."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -31,7 +31,8 @@ def test_sentence_frequencies_become_probabilities(tmp_path):
 
     rng = random.Random(0)
     fillers = ["the cat sat on the mat", "a dog ran in the park", "we like green apples", "it rained all day"]
-    docs = ["I love music"] * 10 + ["I love poetry"] * 5 + [rng.choice(fillers) for _ in range(15)]
+    # the 10:5 corpus four times over, so the few documents cut at block boundaries barely move the counts
+    docs = (["I love music"] * 10 + ["I love poetry"] * 5 + [rng.choice(fillers) for _ in range(15)]) * 4
     rng.shuffle(docs)
     corpus = tmp_path / "love.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -42,11 +43,10 @@ def test_sentence_frequencies_become_probabilities(tmp_path):
         "pretrain": {
             "train_data": [str(corpus)], "eval_data": [str(corpus)],
             "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
-                      "intermediate_size": 64, "max_position_embeddings": 32},
-            # one document per block: block t always starts at a document start
-            "seq_len": 8, "global_batch_size": 16, "micro_batch_size": 16, "max_steps": 150,
+                      "intermediate_size": 64, "max_position_embeddings": 64},
+            "seq_len": 32, "global_batch_size": 16, "micro_batch_size": 16, "max_steps": 300,
             "learning_rate": 1e-2, "warmup_steps": 5, "min_lr_ratio": 0.1, "weight_decay": 0.0,
-            "eval_every": 150, "checkpoint_every": 1000, "log_every": 50, "precision": "fp32",
+            "eval_every": 300, "checkpoint_every": 1000, "log_every": 50, "precision": "fp32",
         },
     }))
     run_recipe(load_recipe(recipe_path))
@@ -65,6 +65,7 @@ def test_sentence_frequencies_become_probabilities(tmp_path):
     p_music, p_poetry = continuation_prob("I love", " music"), continuation_prob("I love", " poetry")
     # maximum likelihood gives exactly 2/3 and 1/3; a tiny model trained briefly gets close
     assert p_music + p_poetry > 0.9
+    print(f"P(music | I love) = {p_music:.3f}, P(poetry | I love) = {p_poetry:.3f}")
     assert 1.6 < p_music / p_poetry < 2.5, (p_music, p_poetry)
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from pipeline.artifacts import append_jsonl, atomic_write_json
+from pipeline.artifacts import append_jsonl, atomic_write_json, last_complete_trainer_checkpoint, truncate_log
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import read_records
 from pipeline.errors import PipelineError, StageFailed
@@ -196,7 +196,6 @@ class StuckMarginCheck(TrainerCallback):
 
 def run(cfg: DpoConfig, ctx) -> dict:
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig as TrlDPOConfig
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
@@ -273,9 +272,11 @@ def run(cfg: DpoConfig, ctx) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
               "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_trainer_checkpoint(checkpoints)
     if last:
         ctx.log(f"resuming from {Path(last).name}")
+    if ctx.is_main:  # a rerun logs each step once
+        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
     result = trainer.train(resume_from_checkpoint=last)
     policy = trainer.model
 

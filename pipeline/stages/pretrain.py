@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json
+from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json, truncate_log
 from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
 from pipeline.data.readers import read_records
 from pipeline.errors import PipelineError, StageFailed
@@ -180,16 +180,6 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return read_json(path / "state.json")["step"]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the curve has no repeats."""
-    if not path.is_file():
-        return
-    import json
-
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------- the stage

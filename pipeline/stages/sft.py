@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from pipeline.artifacts import append_jsonl, atomic_write_json
+from pipeline.artifacts import append_jsonl, atomic_write_json, last_complete_trainer_checkpoint, truncate_log
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import describe, read_records
 from pipeline.errors import PipelineError
@@ -141,7 +141,6 @@ def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: 
 
 
 def run(cfg: SftConfig, ctx) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
@@ -216,9 +215,11 @@ def run(cfg: SftConfig, ctx) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main)],
     )
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_trainer_checkpoint(checkpoints)
     if last:
         ctx.log(f"resuming from {Path(last).name}")
+    if ctx.is_main:  # a rerun logs each step once
+        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
     result = trainer.train(resume_from_checkpoint=last)
     model = trainer.model
 
