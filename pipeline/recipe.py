@@ -206,7 +206,7 @@ class DpoConfig:
     warmup_ratio: float = option(0.1, "share of steps with linear warmup")
     lr_scheduler: str = option("cosine", "transformers scheduler name")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
-    logging_steps: int = option(5, "log loss, rewards and log-probs every this many steps")
+    logging_steps: int = option(1, "log loss, rewards and log-probs every this many steps")
     save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)")
     stuck_after_steps: int = option(10, "stop loudly if the reward margin is still exactly zero after this many steps")
     max_new_tokens: int = option(48, "tokens generated per held-out answer")
