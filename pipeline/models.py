@@ -77,6 +77,21 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
 
 
+def lora_config(args):
+    """A peft LoraConfig from the recipe's LoraArgs (W x + (alpha/r) B A x, B zero at the start)."""
+    from peft import LoraConfig
+
+    targets = args.target_modules
+    return LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=args.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen, trainable, total = set(), 0, 0

@@ -17,14 +17,15 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from pipeline.artifacts import append_jsonl, atomic_write_json, last_complete_trainer_checkpoint, truncate_log
+from pipeline.artifacts import append_jsonl, atomic_write_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import read_records
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
-from pipeline.models import count_parameters, resolve_dtype
+from pipeline.models import count_parameters, lora_config
 from pipeline.recipe import DpoConfig
+from pipeline.trainer_args import common_trainer_kwargs, gradient_accumulation, resume_checkpoint
 
 # ---------------------------------------------------------------- data
 
@@ -94,15 +95,6 @@ def load_sft_policy(ctx):
         base = AutoModelForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, sft_dir).merge_and_unload()
     return merged, AutoTokenizer.from_pretrained(sft_dir), base_source, sft_dir
-
-
-def lora_config(cfg: DpoConfig):
-    from peft import LoraConfig
-
-    targets = cfg.lora.target_modules
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules="all-linear" if targets == ["all-linear"] else targets,
-                      modules_to_save=cfg.lora.modules_to_save or None, task_type="CAUSAL_LM")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -199,12 +191,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
     from trl import DPOConfig as TrlDPOConfig
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = accelerator.num_processes
-    if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise PipelineError(f"dpo.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} "
-                            f"process(es) x micro_batch_size ({cfg.micro_batch_size})")
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    accumulation = gradient_accumulation("dpo", cfg, world)
 
     # model and data
     model, tokenizer, base_source, sft_dir = load_sft_policy(ctx)
@@ -222,45 +210,21 @@ def run(cfg: DpoConfig, ctx) -> dict:
     ctx.log(f"{len(rows):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; reference = the SFT model ({sft_dir})")
 
-    bf16 = resolve_dtype("auto", device_type) == torch.bfloat16 if cfg.precision == "auto" else cfg.precision == "bf16"
-    checkpoints = ctx.out_dir / "checkpoints"
     args = TrlDPOConfig(
-        output_dir=str(checkpoints),
+        **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         beta=cfg.beta,
         loss_type=list(cfg.loss_type),
         loss_weights=list(cfg.loss_weights) or None,
         label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         max_length=None,  # our length policy above already applied
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        bf16=bf16,
-        fp16=cfg.precision == "fp16",
-        use_cpu=device_type == "cpu",
-        gradient_checkpointing=False,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=["tensorboard"],
-        seed=seed,
-        data_seed=seed,
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=not ctx.is_main,
     )
     trainer = PretokenizedDPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg.lora),
         callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main)],
     )
     policy = trainer.model
@@ -272,11 +236,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
               "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
-    last = last_complete_trainer_checkpoint(checkpoints)
-    if last:
-        ctx.log(f"resuming from {Path(last).name}")
-    if ctx.is_main:  # a rerun logs each step once
-        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
+    last = resume_checkpoint(ctx)
     result = trainer.train(resume_from_checkpoint=last)
     policy = trainer.model
 

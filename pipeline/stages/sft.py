@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-from pipeline.artifacts import append_jsonl, atomic_write_json, last_complete_trainer_checkpoint, truncate_log
+from pipeline.artifacts import atomic_write_json
 from pipeline.chat_template import ChatRenderer
-from pipeline.data.readers import describe, read_records
+from pipeline.data.readers import read_records
 from pipeline.errors import PipelineError
 from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
-from pipeline.models import count_parameters, load_base_model, resolve_dtype
+from pipeline.models import count_parameters, load_base_model, lora_config
 from pipeline.recipe import SftConfig
+from pipeline.trainer_args import MetricsLog, common_trainer_kwargs, gradient_accumulation, resume_checkpoint
 
 # ---------------------------------------------------------------- data
 
@@ -110,18 +110,9 @@ def _load_quantized(source: str, quantization, trust_remote_code: bool):
 
 
 def attach_lora(model, cfg: SftConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = cfg.lora.target_modules
-    config = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        modules_to_save=cfg.lora.modules_to_save or None,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(cfg.lora))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -146,10 +137,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = accelerator.num_processes
-    if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise PipelineError(f"sft.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} "
-                            f"process(es) x micro_batch_size ({cfg.micro_batch_size})")
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    accumulation = gradient_accumulation("sft", cfg, world)
 
     # model and data
     model, tokenizer, base_source = load_model_and_tokenizer(ctx, cfg, device_type)
@@ -177,36 +165,11 @@ def run(cfg: SftConfig, ctx) -> dict:
     # train
     from datasets import Dataset
 
-    bf16 = resolve_dtype(ctx.recipe.base.dtype if ctx.recipe.base else "auto", device_type) == torch.bfloat16 \
-        if cfg.precision == "auto" else cfg.precision == "bf16"
-    checkpoints = ctx.out_dir / "checkpoints"
     args = SFTConfig(
-        output_dir=str(checkpoints),
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         weight_decay=cfg.weight_decay,
-        bf16=bf16,
-        fp16=cfg.precision == "fp16",
-        use_cpu=device_type == "cpu",
-        gradient_checkpointing=False,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=["tensorboard"],
-        seed=seed,
-        data_seed=seed,
         max_length=None,  # lengths are already handled by our policy above
         dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=not ctx.is_main,
     )
     trainer = SFTTrainer(
         model=model,
@@ -215,11 +178,7 @@ def run(cfg: SftConfig, ctx) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main)],
     )
-    last = last_complete_trainer_checkpoint(checkpoints)
-    if last:
-        ctx.log(f"resuming from {Path(last).name}")
-    if ctx.is_main:  # a rerun logs each step once
-        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
+    last = resume_checkpoint(ctx)
     result = trainer.train(resume_from_checkpoint=last)
     model = trainer.model
 
@@ -258,14 +217,3 @@ def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str) ->
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out_dir)
     atomic_write_json(out_dir / "lineage.json", {"base": base_source, "adapters": [str(out_dir.resolve())]})
-
-
-class MetricsLog(TrainerCallback):
-    """Append every logged dict to metrics.jsonl, for reports and plots."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.enabled and logs:
-            append_jsonl(self.path, {"step": state.global_step, **logs})

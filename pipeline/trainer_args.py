@@ -1,0 +1,77 @@
+"""What the two TRL stages (sft, dpo) derive from a recipe the same way: batch split, trainer
+arguments, metrics logging and the checkpoint to resume from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from pipeline.artifacts import append_jsonl, last_complete_trainer_checkpoint, truncate_log
+from pipeline.errors import PipelineError
+from pipeline.models import resolve_dtype
+
+
+def gradient_accumulation(stage: str, cfg, world: int) -> int:
+    """Accumulation steps that keep the recipe's global batch on any number of processes."""
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise PipelineError(f"{stage}.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} "
+                            f"process(es) x micro_batch_size ({cfg.micro_batch_size})")
+    return cfg.global_batch_size // (cfg.micro_batch_size * world)
+
+
+def common_trainer_kwargs(cfg, ctx, accumulation: int, base_dtype: str = "auto") -> dict:
+    """Arguments shared by SFTConfig and DPOConfig. Precision is explicit: TRL's defaults
+    (bf16 and gradient checkpointing) raise on a machine without a GPU."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.precision == "auto":
+        bf16 = resolve_dtype(base_dtype, device_type) == torch.bfloat16
+    else:
+        bf16 = cfg.precision == "bf16"
+    return dict(
+        output_dir=str(ctx.out_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        bf16=bf16,
+        fp16=cfg.precision == "fp16",
+        use_cpu=device_type == "cpu",
+        gradient_checkpointing=False,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=["tensorboard"],
+        seed=ctx.recipe.seed,
+        data_seed=ctx.recipe.seed,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not ctx.is_main,
+    )
+
+
+def resume_checkpoint(ctx) -> str | None:
+    """The newest complete Trainer checkpoint of this stage; the metrics log is cut back to it."""
+    last = last_complete_trainer_checkpoint(ctx.out_dir / "checkpoints")
+    if last:
+        ctx.log(f"resuming from {Path(last).name}")
+    if ctx.is_main:  # a rerun logs each step once
+        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
+    return last
+
+
+class MetricsLog(TrainerCallback):
+    """Append every logged dict to metrics.jsonl, for reports and plots."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.enabled and logs:
+            append_jsonl(self.path, {"step": state.global_step, **logs})
