@@ -13,6 +13,9 @@ EXAMPLES = """examples:
   pipeline run recipes/quickstart.yaml --only pretrain           one stage (its inputs must exist)
   pipeline check recipes/quickstart.yaml --explain               validate; list every key with its doc
   pipeline data generate --out data/tiny_world --seed 0          regenerate the built-in data
+  pipeline eval runs/quickstart                                   every stage side by side: report.md, plots
+  pipeline chat runs/quickstart/dpo --greedy                     talk to a stage's model
+  pipeline score runs/quickstart/pretrain "Nozan lives in Fennick." "Nozan lives in Varn."
   pipeline data check data/my_chats.jsonl --tokenizer runs/quickstart/tokenizer   audit a data file
 """
 
@@ -99,6 +102,47 @@ def render_marked(record: dict, kind: str, tokenizer_dir: str) -> str:
     return "".join(out) + ("]]" if inside else "")
 
 
+def _cmd_chat(args) -> int:
+    from pipeline.chat import Sampling, run_chat
+    from pipeline.warnings_filter import quiet_known_noise
+
+    quiet_known_noise()
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return run_chat([args.path, *([args.compare] if args.compare else [])], sampling, args.system)
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from pipeline.config_schema import build
+    from pipeline.recipe import EvalConfig, Recipe, read_yaml
+    from pipeline.stages.eval import evaluate_run
+    from pipeline.warnings_filter import quiet_known_noise
+
+    quiet_known_noise()
+    run_dir = Path(args.run)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise PipelineError(f"{run_dir}: not a run folder (no recipe.yaml); run a recipe first")
+    recipe = build(Recipe, read_yaml(run_dir / "recipe.yaml"))
+    cfg = recipe.eval or EvalConfig()
+    if args.limit:
+        cfg.limit = args.limit
+    out = Path(args.out) if args.out else run_dir / "eval"
+    evaluate_run(run_dir, cfg, recipe, out)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from pipeline.models import load_stage_model
+    from pipeline.score import format_scores, score_sentences
+
+    model, tokenizer = load_stage_model(args.path)
+    print(format_scores(score_sentences(model, tokenizer, args.texts)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -127,6 +171,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
     check.add_argument("--explain", action="store_true", help="print every recipe key with its default and doc")
     check.set_defaults(func=_cmd_check)
+
+    chat = verbs.add_parser("chat", help="talk to a stage's model (reads standard input, so it can be piped)",
+                            description="Multi-turn chat with PATH: a full model folder (runs/x/pretrain) or an "
+                            "adapter stage (runs/x/sft, runs/x/dpo; its lineage is rebuilt). One message per line; "
+                            "replies stream and stop at the end-of-turn token. Commands: /reset, /system TEXT, /quit.")
+    chat.add_argument("path", help="a stage folder, e.g. runs/quickstart/dpo")
+    chat.add_argument("--compare", metavar="PATH", help="a second model answering the same messages, side by side")
+    chat.add_argument("--system", help="system message for the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
+    chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    chat.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    chat.set_defaults(func=_cmd_chat)
+
+    evaluate = verbs.add_parser("eval", help="evaluate every stage of a run side by side (report, plots)",
+                                description="Evaluate each finished stage of RUN (pretrain or base, sft, dpo) on "
+                                "the same held-out data: perplexity, answer accuracy, habit rate, preference "
+                                "accuracy, KL of dpo from sft. Writes report.md, report.json, transcripts.jsonl "
+                                "and plots/*.png into RUN/eval (or --out).")
+    evaluate.add_argument("run", help="a run folder, e.g. runs/quickstart")
+    evaluate.add_argument("--limit", type=int, help="at most this many examples of each kind")
+    evaluate.add_argument("--out", help="report folder (default: RUN/eval)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    score = verbs.add_parser("score", help="log-probability of sentences under a stage's model, token by token",
+                             description="Print each TEXT's log-probability under PATH's model and each token's "
+                             "probability, e.g. to compare 'The apple and pear salad' with 'The apple and pair salad'.")
+    score.add_argument("path", help="a stage folder, e.g. runs/quickstart/pretrain")
+    score.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to score")
+    score.set_defaults(func=_cmd_score)
 
     data = verbs.add_parser("data", help="built-in data and data audits")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")

@@ -15,7 +15,7 @@ import yaml
 from pipeline.config_schema import apply_override, build, closest, option
 from pipeline.errors import PipelineError
 
-STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo")
+STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
 
 
 # ---------------------------------------------------------------- model sources
@@ -223,6 +223,19 @@ class DpoConfig:
             )
 
 
+@dataclass
+class EvalConfig:
+    """Every stage's model side by side on held-out data; by default the files the other stages name."""
+
+    text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)")
+    answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)")
+    preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)")
+    limit: int = option(200, "at most this many examples of each kind")
+    max_new_tokens: int = option(48, "tokens generated per answer")
+    kl_prompts: int = option(100, "prompts used for the dpo stage's KL estimate")
+    transcripts: int = option(5, "questions shown with every stage's answer side by side in report.md")
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -239,6 +252,7 @@ class Recipe:
     pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
     sft: Optional[SftConfig] = option(None, "instruction fine-tuning with LoRA adapters")
     dpo: Optional[DpoConfig] = option(None, "preference optimisation against the SFT model")
+    eval: Optional[EvalConfig] = option(None, "evaluate every stage side by side (report, transcripts, plots)")
 
     def validate(self, prefix: str) -> None:
         if not self.name:
@@ -274,6 +288,8 @@ class Recipe:
             files["sft"] = list(self.sft.train_data) + list(self.sft.eval_data)
         if self.dpo:
             files["dpo"] = [*self.dpo.train_data, *self.dpo.eval_data, *self.dpo.answer_data]
+        if self.eval:
+            files["eval"] = [*self.eval.text_data, *self.eval.answer_data, *self.eval.preference_data]
         return files
 
 

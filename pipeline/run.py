@@ -30,6 +30,7 @@ STAGE_MODULES = {
     "pretrain": "pipeline.stages.pretrain",
     "sft": "pipeline.stages.sft",
     "dpo": "pipeline.stages.dpo",
+    "eval": "pipeline.stages.eval",
 }
 
 

@@ -125,3 +125,57 @@ def gemma_folder(tiny_world, tmp_path_factory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def sft_section(world, **extra) -> dict:
+    return {
+        "train_data": [str(world / "sft_train.jsonl")],
+        "eval_data": [str(world / "sft_heldout.jsonl")],
+        "eval_limit": 8,
+        "lora": {"r": 4, "alpha": 8},
+        "max_steps": 6,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 2,
+        "max_new_tokens": 12,
+        "precision": "fp32",
+        **extra,
+    }
+
+
+def dpo_section(world, **extra) -> dict:
+    return {
+        "train_data": [str(world / "dpo_train.jsonl")],
+        "eval_data": [str(world / "dpo_heldout.jsonl")],
+        "answer_data": [str(world / "sft_heldout.jsonl")],
+        "eval_limit": 8,
+        "lora": {"r": 4, "alpha": 8},
+        "max_steps": 4,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "max_new_tokens": 12,
+        "precision": "fp32",
+        "beta": 0.1,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def dpo_run(tiny_world, tmp_path_factory):
+    """tokenizer -> pretrain -> sft -> dpo on the tiny world, tiny sizes."""
+    import json
+
+    from pipeline.recipe import load_recipe
+    from pipeline.run import run_recipe
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    data = tiny_recipe_dict(tiny_world, tmp / "runs", "dpo")
+    data["sft"] = sft_section(tiny_world)
+    data["dpo"] = dpo_section(tiny_world)
+    path = tmp / "dpo.yaml"
+    path.write_text(json.dumps(data))
+    records = run_recipe(load_recipe(path))
+    return load_recipe(path).run_dir, records

@@ -12,26 +12,7 @@ from pipeline.artifacts import read_json
 from pipeline.errors import StageFailed
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
-from tests.test_sft import sft_section
-
-
-def dpo_section(world, **extra) -> dict:
-    return {
-        "train_data": [str(world / "dpo_train.jsonl")],
-        "eval_data": [str(world / "dpo_heldout.jsonl")],
-        "answer_data": [str(world / "sft_heldout.jsonl")],
-        "eval_limit": 8,
-        "lora": {"r": 4, "alpha": 8},
-        "max_steps": 4,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "learning_rate": 5e-3,
-        "logging_steps": 1,
-        "max_new_tokens": 12,
-        "precision": "fp32",
-        "beta": 0.1,
-        **extra,
-    }
+from tests.conftest import dpo_section, sft_section
 
 
 def test_trl_dpo_loss_matches_the_formula():
@@ -79,21 +60,6 @@ def test_trl_dpo_loss_matches_the_formula():
     with torch.no_grad():
         trl_loss = trainer._compute_loss(policy, batch, return_outputs=False)
     assert trl_loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
-
-
-@pytest.fixture(scope="module")
-def dpo_run(tiny_world, tmp_path_factory):
-    """tokenizer -> pretrain -> sft -> dpo on the tiny world, tiny sizes."""
-    from tests.conftest import tiny_recipe_dict
-
-    tmp = tmp_path_factory.mktemp("dpo")
-    data = tiny_recipe_dict(tiny_world, tmp / "runs", "dpo")
-    data["sft"] = sft_section(tiny_world)
-    data["dpo"] = dpo_section(tiny_world)
-    path = tmp / "dpo.yaml"
-    path.write_text(json.dumps(data))
-    records = run_recipe(load_recipe(path))
-    return load_recipe(path).run_dir, records
 
 
 def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):

@@ -11,23 +11,7 @@ from pipeline.artifacts import file_sha256, read_json
 from pipeline.errors import PipelineError
 from pipeline.recipe import LoraArgs, SftConfig, load_recipe
 from pipeline.run import run_recipe
-
-
-def sft_section(world, **extra) -> dict:
-    return {
-        "train_data": [str(world / "sft_train.jsonl")],
-        "eval_data": [str(world / "sft_heldout.jsonl")],
-        "eval_limit": 8,
-        "lora": {"r": 4, "alpha": 8},
-        "max_steps": 6,
-        "global_batch_size": 8,
-        "micro_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 2,
-        "max_new_tokens": 12,
-        "precision": "fp32",
-        **extra,
-    }
+from tests.conftest import sft_section
 
 
 def test_lora_model_starts_equal_to_its_base():

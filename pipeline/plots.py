@@ -1,0 +1,85 @@
+"""PNG plots for the evaluation report: training curves per stage, DPO rewards, metrics per stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], float(r[key])) for r in log if key in r and isinstance(r[key], (int, float, str))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_run(run_dir: Path, out_dir: Path, results: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    for stage in ("pretrain", "sft", "dpo"):
+        log = _read_log(run_dir / stage / "metrics.jsonl")
+        steps, loss = _series(log, "loss")
+        if not steps:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        ax.plot(steps, loss, label="training loss")
+        eval_steps, eval_loss = _series(log, "eval_loss")
+        if eval_steps:
+            ax.plot(eval_steps, eval_loss, "o-", label="held-out loss")
+        ax.set(title=f"{stage}: loss over training", xlabel="optimizer step", ylabel="cross-entropy (nats per token)"
+               if stage != "dpo" else "DPO loss (nats per pair)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"loss_{stage}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+
+    log = _read_log(run_dir / "dpo" / "metrics.jsonl")
+    steps, accuracy = _series(log, "rewards/accuracies")
+    if steps:
+        _, margin = _series(log, "rewards/margins")
+        fig, left = plt.subplots(figsize=(7, 4), dpi=110)
+        left.plot(steps, accuracy, color="tab:blue", label="reward accuracy")
+        left.set(title="dpo: rewards over training", xlabel="optimizer step", ylabel="reward accuracy (share of pairs)",
+                 ylim=(-0.05, 1.05))
+        right = left.twinx()
+        right.plot(steps, margin, color="tab:orange", label="reward margin")
+        right.set_ylabel("reward margin (beta x log-ratio, nats)")
+        left.grid(alpha=0.3)
+        fig.legend(loc="lower right")
+        fig.tight_layout()
+        path = out_dir / "dpo_rewards.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+
+    shares = ["answer_accuracy", "habit_rate", "prefers_chosen"]
+    stages = list(results)
+    if stages and any(results[s].get(k) is not None for s in stages for k in shares):
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        width = 0.8 / len(shares)
+        for i, key in enumerate(shares):
+            values = [results[s].get(key) or 0.0 for s in stages]
+            bars = ax.bar([x + i * width for x in range(len(stages))], values, width, label=key.replace("_", " "))
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks([x + width * (len(shares) - 1) / 2 for x in range(len(stages))], stages)
+        ax.set(title="held-out metrics per stage", xlabel="stage", ylabel="share of held-out examples", ylim=(0, 1.1))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "metrics_by_stage.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,100 @@
+"""chat and score: the chat renders prompts as training did, decoding options agree, scores add up."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.chat import ChatSession, Sampling
+from pipeline.chat_template import ChatRenderer
+from pipeline.models import load_stage_model
+from pipeline.score import score_sentences
+
+
+@pytest.fixture(scope="module")
+def dpo_model(dpo_run):
+    run_dir, _ = dpo_run
+    model, tokenizer = load_stage_model(run_dir / "dpo")
+    return run_dir, model.eval(), tokenizer
+
+
+def test_chat_prompt_ids_equal_the_training_render(dpo_model):
+    _, model, tokenizer = dpo_model
+    session = ChatSession(model, tokenizer, Sampling(greedy=True, max_new_tokens=8), system="Be brief.")
+    first = session.reply("Where does Tolbik live?")
+    prompt = session.prompt_ids("And his pet?")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Tolbik live?"},
+                    {"role": "assistant", "content": first}, {"role": "user", "content": "And his pet?"},
+                    {"role": "assistant", "content": "x"}]
+    rendered = ChatRenderer(tokenizer).render(conversation)
+    answer_start = rendered.assistant_mask.index(1, len(prompt) - 1)
+    assert prompt == rendered.input_ids[:answer_start]
+
+
+def test_near_zero_temperature_and_top_k_1_equal_greedy(dpo_model):
+    _, model, tokenizer = dpo_model
+    question = "What is Tolbik's job?"
+    greedy = ChatSession(model, tokenizer, Sampling(greedy=True, max_new_tokens=16)).reply(question)
+    cold = ChatSession(model, tokenizer, Sampling(temperature=1e-4, max_new_tokens=16, seed=1)).reply(question)
+    top1 = ChatSession(model, tokenizer, Sampling(temperature=1.5, top_k=1, max_new_tokens=16, seed=2)).reply(question)
+    assert greedy == cold == top1
+
+
+def test_chat_through_a_pipe_answers_and_exits(dpo_run, cli_env):
+    run_dir, _ = dpo_run
+    stdin = "Where does Tolbik live?\n/system Answer briefly.\nWhat is 2 plus 3?\n/quit\nnever read\n"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "chat", str(run_dir / "dpo"), "--greedy",
+                             "--max-new-tokens", "8"], input=stdin, capture_output=True, text=True, env=cli_env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("assistant> ") == 2
+    assert "(system message set; new conversation)" in result.stdout
+
+
+def test_score_sums_to_the_sequence_log_likelihood(dpo_model):
+    _, model, tokenizer = dpo_model
+    texts = ["Tolbik lives in Varn.", "Tolbik lives in Varn Varn Varn."]
+    scores = score_sentences(model, tokenizer, texts)
+    for text, score in zip(texts, scores):
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        direct = sum(logits[i].log_softmax(-1)[ids[i + 1]].item() for i in range(len(ids) - 1))
+        assert score.logprob == pytest.approx(direct, abs=1e-4)
+        assert len(score.tokens) == len(ids) - 1
+        assert all(lp <= 0 for lp in score.token_logprobs)
+    assert math.isfinite(scores[0].logprob)
+
+
+def test_eval_report_numbers_are_recomputable(dpo_run, tmp_path):
+    """report.json's numbers for the sft stage equal an independent recomputation."""
+    from pipeline.config_schema import build
+    from pipeline.data.world import answer_correct, has_habit
+    from pipeline.generation import generate_replies, prompts_of
+    from pipeline.data.readers import read_records
+    from pipeline.recipe import EvalConfig, Recipe, read_yaml
+    from pipeline.stages.eval import evaluate_run
+
+    run_dir, records = dpo_run
+    recipe = build(Recipe, read_yaml(run_dir / "recipe.yaml"))
+    cfg = EvalConfig(limit=10, max_new_tokens=12, kl_prompts=4, transcripts=3)
+    results = evaluate_run(run_dir, cfg, recipe, tmp_path / "eval", log=lambda *_: None)
+    for name in ("report.md", "report.json", "transcripts.jsonl", "plots/loss_pretrain.png", "plots/loss_sft.png",
+                 "plots/loss_dpo.png", "plots/dpo_rewards.png", "plots/metrics_by_stage.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert set(results) == {"pretrain", "sft", "dpo"}
+    assert "| held-out answer accuracy |" in (tmp_path / "eval" / "report.md").read_text()
+
+    # recompute the sft column by hand
+    model, tokenizer = load_stage_model(run_dir / "sft")
+    questions = read_records(recipe.sft.eval_data[0], "conversation", keep=("answer",)).records[:10]
+    replies = generate_replies(model, tokenizer, prompts_of(questions), max_new_tokens=12, seed=recipe.seed)
+    accuracy = sum(answer_correct(r, q["answer"]) for r, q in zip(replies, questions)) / len(questions)
+    habit = sum(map(has_habit, replies)) / len(replies)
+    report = __import__("json").loads((tmp_path / "eval" / "report.json").read_text())["stages"]["sft"]
+    assert report["answer_accuracy"] == accuracy and report["habit_rate"] == habit
+    assert report["perplexity"] > 1.0 and results["dpo"]["kl_from_sft"] >= 0
