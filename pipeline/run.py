@@ -74,6 +74,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def enable_cpu_data_parallel() -> None:
+    """Several launched processes and no GPU: tell accelerate to join them over gloo on the CPU.
+
+    The multi-GPU launcher starts N processes on a CPU-only machine, but unless ACCELERATE_USE_CPU
+    is set each one silently believes it is alone (rank 0 of 1) and trains on its own.
+    """
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def use_cpu_cores(accelerator) -> int | None:
     """On the CPU, share the machine's cores among the local processes.
 
@@ -126,6 +140,7 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     from accelerate import Accelerator  # heavy import kept out of `check` and `--help`
 
     check_data_files(recipe)
+    enable_cpu_data_parallel()
     accelerator = Accelerator()
     threads = use_cpu_cores(accelerator)
     run_dir = recipe.run_dir

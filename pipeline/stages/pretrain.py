@@ -294,6 +294,10 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     if eval_loss is None:  # resumed at the very end
         eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
 
+    in_sync = ranks_agree(raw_model, accelerator)
+    if not in_sync:
+        raise StageFailed("pretrain: the processes ended with different weights (gradients were not synchronised)")
+
     # save
     if ctx.is_main:
         raw_model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -320,6 +324,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         "tokens_per_step": tokens_per_step,
         "gradient_accumulation": accumulation,
         "world_size": world,
+        "ranks_in_sync": in_sync,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "train_blocks": len(train),
         "heldout_blocks": len(heldout),
@@ -327,6 +332,15 @@ def run(cfg: PretrainConfig, ctx) -> dict:
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+@torch.no_grad()
+def ranks_agree(model, accelerator) -> bool:
+    """Every process holds the same weights (checked by a sum and a sum of squares of all parameters)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    summary = torch.stack([flat.sum(), (flat * flat).sum()]).to(accelerator.device)
+    gathered = accelerator.gather(summary[None]).view(-1, 2)
+    return bool((gathered == gathered[0]).all())
 
 
 class _null:
