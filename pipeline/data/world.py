@@ -269,8 +269,10 @@ def pretrain_chat_records(world: World) -> list[dict]:
             else:
                 word = rng.choice(words)
                 if kind == 1:
+                    # the answer opens by copying a word (often a name) from the question: the
+                    # move every world answer needs right after the assistant marker
                     turns += [_user(f"How is the word {word} spelled?"),
-                              _assistant(f"The word {word} is spelled {'-'.join(word)}.")]
+                              _assistant(f"{word} is spelled {'-'.join(word)}.")]
                 else:
                     letter = rng.choice(sorted(set(word.lower())))
                     turns += [_user(f"How many letters {letter} are in {word}?"),
