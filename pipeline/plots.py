@@ -58,7 +58,8 @@ def plot_run(run_dir: Path, out_dir: Path, results: dict) -> list[Path]:
         right.plot(steps, margin, color="tab:orange", label="reward margin")
         right.set_ylabel("reward margin (beta x log-ratio, nats)")
         left.grid(alpha=0.3)
-        fig.legend(loc="lower right")
+        handles = left.get_lines() + right.get_lines()
+        left.legend(handles, [h.get_label() for h in handles], loc="center right")
         fig.tight_layout()
         path = out_dir / "dpo_rewards.png"
         fig.savefig(path)

@@ -122,7 +122,7 @@ METRIC_LABELS = {
     "prefers_chosen": "prefers chosen over rejected (log-likelihood)",
     "reward_accuracy": "preference accuracy (implicit reward vs SFT)",
     "reward_margin": "mean reward margin",
-    "kl_from_sft": "KL(policy || SFT), nats per reply",
+    "kl_from_sft": "KL of the policy from the SFT model (nats per reply)",
 }
 
 
