@@ -5,7 +5,6 @@ Weights are loaded from safetensors only, and remote code only runs when the rec
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -138,13 +137,6 @@ def load_base_model(cfg: BaseModelConfig, device_type: str = "cpu"):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"base.path: cannot load {cfg.path}: {first_line}{offline}") from None
     return model, tokenizer
-
-
-def set_threads_from_env() -> None:
-    """Respect OMP_NUM_THREADS when a launcher sets it; torch otherwise uses every core."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit():
-        torch.set_num_threads(int(threads))
 
 
 def load_stage_model(stage_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -7,6 +7,7 @@ and a NaN stop that keeps the last good one; a plain loop says all of that in on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -256,7 +257,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         for micro in range(accumulation):
             chunk = mine[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size]
             sync = micro == accumulation - 1
-            with accelerator.no_sync(model) if not sync else _null():
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss_sum, _ = summed_loss(model, train, chunk, dtype)
                 # DDP averages gradients over processes; scale so the result is the global-batch mean
                 accelerator.backward(loss_sum * world / n_targets)
@@ -341,14 +342,6 @@ def ranks_agree(model, accelerator) -> bool:
     summary = torch.stack([flat.sum(), (flat * flat).sum()]).to(accelerator.device)
     gathered = accelerator.gather(summary[None]).view(-1, 2)
     return bool((gathered == gathered[0]).all())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _grad_norm(model, accelerator, clip: float) -> float:
