@@ -96,3 +96,10 @@ def test_base_replaces_tokenizer_and_pretrain(tmp_path):
     path.write_text("name: b\nbase: {path: some/model}\ntokenizer: {corpus: [x.txt]}\n")
     with pytest.raises(PipelineError, match="replaces the tokenizer and pretrain"):
         load_recipe(path)
+
+
+def test_overrides_may_follow_options(write_recipe, cli_env):
+    result = _cli(["check", str(write_recipe()), "--explain", "pretrain.max_stpes=5"], cli_env)
+    assert result.returncode == 2 and "did you mean `max_steps`?" in result.stderr
+    result = _cli(["check", str(write_recipe()), "--nonsense"], cli_env)
+    assert result.returncode == 2 and "unrecognized arguments: --nonsense" in result.stderr
