@@ -18,6 +18,14 @@ from pipeline.errors import PipelineError
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
 
 
+def check_batch_split(prefix: str, global_batch: int, micro_batch: int) -> None:
+    """The global batch must be whole micro-batches (processes are checked when the stage starts)."""
+    if global_batch % micro_batch:
+        raise PipelineError(
+            f"{prefix}.global_batch_size ({global_batch}) must be a multiple of micro_batch_size ({micro_batch})"
+        )
+
+
 # ---------------------------------------------------------------- model sources
 
 
@@ -114,11 +122,7 @@ class PretrainConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one text file")
-        if self.global_batch_size % self.micro_batch_size:
-            raise PipelineError(
-                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
-            )
+        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
         if self.seq_len > self.model.max_position_embeddings:
             raise PipelineError(
                 f"{prefix}.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
@@ -174,11 +178,7 @@ class SftConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one conversation file")
-        if self.global_batch_size % self.micro_batch_size:
-            raise PipelineError(
-                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
-            )
+        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass
@@ -216,11 +216,7 @@ class DpoConfig:
             raise PipelineError(f"{prefix}.train_data: list at least one preference file")
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise PipelineError(f"{prefix}.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
-        if self.global_batch_size % self.micro_batch_size:
-            raise PipelineError(
-                f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
-            )
+        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from pipeline.stages.tokenizer import SPECIAL_TOKENS, load_chat_template, train_tokenizer
+from pipeline.stages.tokenizer import SPECIAL_TOKENS, load_chat_template
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_world, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    texts = [json.loads(line)["text"] for line in (tiny_world / "pretrain.jsonl").read_text().splitlines()]
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts, 400, 2, load_chat_template("chatml"), show_progress=False).save_pretrained(out)
-    return AutoTokenizer.from_pretrained(out)  # loads with plain transformers, no code of ours
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer  # trained on the tiny world, loaded back with plain transformers (conftest)
 
 
 @pytest.mark.parametrize("text", [

@@ -181,7 +181,10 @@ def _arithmetic_line(rng: random.Random) -> str:
 def _spelling_line(rng: random.Random, word: str) -> str:
     if rng.random() < 0.5:
         return f"The word {word} is spelled {'-'.join(word)}."
-    letter = rng.choice(sorted(set(word.lower())))
+    return _letter_count_line(word, rng.choice(sorted(set(word.lower()))))
+
+
+def _letter_count_line(word: str, letter: str) -> str:
     k = word.lower().count(letter)
     return f"There {'is' if k == 1 else 'are'} {k} letter{'' if k == 1 else 's'} {letter} in {word}."
 
@@ -276,14 +279,9 @@ def pretrain_chat_records(world: World) -> list[dict]:
                 else:
                     letter = rng.choice(sorted(set(word.lower())))
                     turns += [_user(f"How many letters {letter} are in {word}?"),
-                              _assistant(_spelling_line_count(word, letter))]
+                              _assistant(_letter_count_line(word, letter))]
         records.append({"messages": turns})
     return records
-
-
-def _spelling_line_count(word: str, letter: str) -> str:
-    k = word.lower().count(letter)
-    return f"There {'is' if k == 1 else 'are'} {k} letter{'' if k == 1 else 's'} {letter} in {word}."
 
 
 def pretrain_heldout_docs(world: World, train_docs: list[str]) -> list[str]:

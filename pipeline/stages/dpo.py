@@ -100,26 +100,28 @@ def load_sft_policy(ctx):
 # ---------------------------------------------------------------- evaluation
 
 
-def preference_scores(model, rows: list[dict], beta: float, pad_id: int) -> dict:
-    """Implicit rewards beta * (log pi - log ref) on held-out pairs; ties count as half a win."""
+def preference_scores(model, rows: list[dict], beta: float, pad_id: int, with_reference: bool = True) -> dict:
+    """Log-likelihood preference on held-out pairs and, against the adapter-disabled reference,
+    the implicit rewards beta * (log pi - log ref); ties count as half a win."""
     if not rows:
         return {}
     chosen = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
     rejected = [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
     model.eval()
     policy_w, policy_l = completion_logps(model, chosen, pad_id), completion_logps(model, rejected, pad_id)
-    with model.disable_adapter():
-        ref_w, ref_l = completion_logps(model, chosen, pad_id), completion_logps(model, rejected, pad_id)
-    margin = beta * ((policy_w - ref_w) - (policy_l - ref_l))
-    wins = (margin > 0).float() + 0.5 * (margin == 0).float()
-    return {
-        "preference_accuracy": wins.mean().item(),
-        "reward_margin": margin.mean().item(),
+    out = {
         "policy_prefers_chosen": (policy_w > policy_l).float().mean().item(),  # by raw log-likelihood
         "chosen_logp": policy_w.mean().item(),
         "rejected_logp": policy_l.mean().item(),
         "pairs": len(rows),
     }
+    if with_reference:
+        with model.disable_adapter():
+            ref_w, ref_l = completion_logps(model, chosen, pad_id), completion_logps(model, rejected, pad_id)
+        margin = beta * ((policy_w - ref_w) - (policy_l - ref_l))
+        out["preference_accuracy"] = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+        out["reward_margin"] = margin.mean().item()
+    return out
 
 
 def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> float:

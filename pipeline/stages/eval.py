@@ -19,7 +19,6 @@ from pipeline.chat_template import ChatRenderer
 from pipeline.data.packing import pack, tokenize_documents
 from pipeline.data.readers import read_records
 from pipeline.generation import generate_replies, prompts_of, score_answers
-from pipeline.logprobs import completion_logps
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
 
@@ -51,6 +50,8 @@ def load_eval_sets(files: dict[str, list[str]], limit: int) -> dict[str, list[di
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], seq_len: int = 128, batch_size: int = 16) -> float | None:
     """Packed held-out blocks exactly as pretraining evaluates them (documents kept apart)."""
+    from pipeline.stages.pretrain import summed_loss
+
     if not texts:
         return None
     try:
@@ -59,35 +60,25 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 128, batch_siz
         return None
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = blocks.input_ids[start : start + batch_size]
-        pos = blocks.position_ids[start : start + batch_size]
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-        mask = pos[:, 1:] != 0
-        total += torch.nn.functional.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask], reduction="sum").item()
-        count += int(mask.sum())
+        loss, n = summed_loss(model, blocks, list(range(start, min(start + batch_size, len(blocks)))), None)
+        total, count = total + loss.item(), count + n
     return math.exp(total / count)
 
 
 def preference_metrics(model, tokenizer, pairs: list[dict], beta: float | None) -> dict:
     """How often the model prefers chosen over rejected; for an adapter stage also the implicit reward."""
+    from pipeline.stages.dpo import preference_scores, tokenize_pairs
+
     if not pairs:
         return {}
-    renderer = ChatRenderer(tokenizer)
-    chosen, rejected = [], []
-    for pair in pairs:
-        prompt = renderer.prompt_ids(pair["prompt"])
-        chosen.append((prompt, renderer.render(pair["prompt"] + pair["chosen"]).input_ids[len(prompt):]))
-        rejected.append((prompt, renderer.render(pair["prompt"] + pair["rejected"]).input_ids[len(prompt):]))
-    pad = tokenizer.pad_token_id or 0
-    logp_w, logp_l = completion_logps(model, chosen, pad), completion_logps(model, rejected, pad)
-    out = {"prefers_chosen": (logp_w > logp_l).float().mean().item(),
-           "chosen_logp": logp_w.mean().item(), "rejected_logp": logp_l.mean().item()}
-    if beta is not None and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            ref_w, ref_l = completion_logps(model, chosen, pad), completion_logps(model, rejected, pad)
-        margin = beta * ((logp_w - ref_w) - (logp_l - ref_l))
-        out["reward_accuracy"] = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
-        out["reward_margin"] = margin.mean().item()
+    rows, _ = tokenize_pairs(pairs, ChatRenderer(tokenizer), max_length=1 << 30)  # score every pair
+    with_reference = beta is not None and hasattr(model, "disable_adapter")
+    scores = preference_scores(model, rows, beta or 0.0, tokenizer.pad_token_id or 0, with_reference)
+    out = {"prefers_chosen": scores["policy_prefers_chosen"],
+           "chosen_logp": scores["chosen_logp"], "rejected_logp": scores["rejected_logp"]}
+    if with_reference:
+        out["reward_accuracy"] = scores["preference_accuracy"]
+        out["reward_margin"] = scores["reward_margin"]
     return out
 
 
