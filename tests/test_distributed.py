@@ -13,6 +13,7 @@ import pytest
 from pipeline.artifacts import read_json
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
+from tests.conftest import dpo_section, sft_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,11 +34,21 @@ def test_micro_batch_1_x_8_equals_8_x_1(write_recipe):
     assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
 
 
+def _sft_losses(run_dir):
+    lines = (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")
-def test_two_cpu_processes_match_one(write_recipe, cli_env):
+def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
+    """pretrain, sft and dpo on 2 gloo processes train what 1 process trains on the same global batch."""
     common = {"pretrain.max_steps": 8, "pretrain.log_every": 1, "pretrain.global_batch_size": 8,
-              "pretrain.micro_batch_size": 4}
+              "pretrain.micro_batch_size": 4,
+              # 4 steps of 8 stay inside the first epoch of the 38 conversations: an epoch's last, partial
+              # global batch is dealt out differently to 1 and 2 processes (accelerate evens it out)
+              "sft": sft_section(tiny_world, eval_limit=4, logging_steps=1, micro_batch_size=2, max_steps=4),
+              "dpo": dpo_section(tiny_world, eval_limit=4, micro_batch_size=1)}
     single = write_recipe("single", common)
     run_recipe(load_recipe(single))
 
@@ -46,12 +57,88 @@ def test_two_cpu_processes_match_one(write_recipe, cli_env):
     env = {**cli_env, "PIPELINE_CPU_THREADS": "1"}
     result = subprocess.run([str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
                              str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"), "-m", "pipeline", "run",
-                             str(double)], capture_output=True, text=True, env=env, timeout=600)
+                             str(double)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout
-    stage = read_json(load_recipe(double).run_dir / "pretrain" / "stage.json")
-    assert stage["world_size"] == 2 and stage["metrics"]["ranks_in_sync"] is True
-    assert stage["metrics"]["gradient_accumulation"] == 1  # 8 = 2 processes x 4 x 1
-    one, two = _losses(load_recipe(single).run_dir), _losses(load_recipe(double).run_dir)
-    assert one.keys() == two.keys()
-    assert all(abs(one[s] - two[s]) < 1e-3 for s in one), (one, two)
+    one_dir, two_dir = load_recipe(single).run_dir, load_recipe(double).run_dir
+    for stage in ("pretrain", "sft", "dpo"):
+        record = read_json(two_dir / stage / "stage.json")
+        assert record["world_size"] == 2 and record["metrics"]["ranks_in_sync"] is True, stage
+    assert read_json(two_dir / "pretrain" / "stage.json")["metrics"]["gradient_accumulation"] == 1  # 2 x 4 x 1
+    assert read_json(two_dir / "sft" / "stage.json")["metrics"]["gradient_accumulation"] == 2  # 2 x 2 x 2
+
+    # loss curves: the same global batches, so equal up to float summation order
+    one, two = _losses(one_dir), _losses(two_dir)
+    assert one.keys() == two.keys() and all(abs(one[s] - two[s]) < 1e-3 for s in one), (one, two)
+    one, two = _sft_losses(one_dir), _sft_losses(two_dir)
+    assert one.keys() == two.keys() and all(abs(one[s] - two[s]) < 2e-3 for s in one), (one, two)
+    # the final DPO policy: log-probs of four training answers
+    one = read_json(one_dir / "dpo" / "stage.json")["metrics"]["probe_chosen_logps"]
+    two = read_json(two_dir / "dpo" / "stage.json")["metrics"]["probe_chosen_logps"]
+    assert all(abs(a - b) < 2e-3 for a, b in zip(one, two)), (one, two)
+
+
+class _NotMain:
+    """A real accelerator that answers as a process other than the main one would."""
+
+    is_main_process = False
+    is_local_main_process = False
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _files(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_only_the_main_process_writes(dpo_run):
+    """Every stage run again as a non-main process leaves the run folder exactly as it was.
+
+    The Trainer's own checkpoint folder is left out: the Trainer decides who writes there from
+    its own process index, which this single process cannot fake.
+    """
+    from accelerate import Accelerator
+
+    from pipeline.run import _run_stage
+
+    run_dir, _ = dpo_run
+    recipe = load_recipe(run_dir.parent.parent / "dpo.yaml")
+    before = _files(run_dir)
+    accelerator = _NotMain(Accelerator())
+    for stage in ("pretrain", "sft", "dpo"):
+        previous = read_json(run_dir / stage / "stage.json")
+        _run_stage(recipe, stage, previous["fingerprint"], previous, run_dir / stage, accelerator, {})
+    after = {p: t for p, t in _files(run_dir).items()
+             if p.relative_to(run_dir).parts[:2] not in (("sft", "checkpoints"), ("dpo", "checkpoints"))}
+    changed = sorted(str(p.relative_to(run_dir)) for p, t in after.items() if before.get(p) != t)
+    assert changed == []
+
+
+def test_tokenized_rows_are_built_once_and_read_back(tmp_path):
+    """The main process builds and saves; a later process (or a resumed run) only reads."""
+    from accelerate import Accelerator
+
+    from pipeline.data.cache import cached_rows
+
+    accelerator = Accelerator()
+    rows = [{"input_ids": [1, 2, 3], "length": 3}, {"input_ids": [4, 5], "length": 2}]
+    built = []
+
+    def build():
+        built.append(1)
+        return rows, {"tokenize_s": 0.5}
+
+    def must_not_build():
+        raise AssertionError("tokenized again")
+
+    folder = tmp_path / "cache" / "train"
+    first, meta = cached_rows(accelerator, folder, "key-1", build)
+    again, meta_again = cached_rows(_NotMain(accelerator), folder, "key-1", must_not_build)
+    assert built == [1] and meta == meta_again == {"tokenize_s": 0.5}
+    assert again.to_list() == first.to_list() == rows
+    rebuilt, _ = cached_rows(accelerator, folder, "key-2", build)  # another tokenizer: built afresh
+    assert built == [1, 1] and rebuilt.to_list() == rows

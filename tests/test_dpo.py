@@ -25,7 +25,7 @@ def test_trl_dpo_loss_matches_the_formula():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from pipeline.logprobs import completion_logps
-    from pipeline.stages.dpo import PretokenizedDPOTrainer
+    from pipeline.stages.dpo import DPOTrainerOnOurRows
 
     torch.manual_seed(0)
     vocab = {f"t{i}": i for i in range(40)}
@@ -39,9 +39,9 @@ def test_trl_dpo_loss_matches_the_formula():
     beta = 0.3
     args = DPOConfig(output_dir="/tmp/unused-dpo", beta=beta, use_cpu=True, bf16=False, report_to=[],
                      per_device_train_batch_size=2, max_length=None, gradient_checkpointing=False)
-    trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                     processing_class=tokenizer,
-                                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainer = DPOTrainerOnOurRows(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer,
+                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     policy = trainer.model
     with torch.no_grad():  # move the adapter off zero so policy != reference
         for name, param in policy.named_parameters():

@@ -11,6 +11,7 @@ renderer (user text never becomes control tokens), so TRL's own tokenization is 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -19,13 +20,20 @@ from trl import DPOTrainer
 
 from pipeline.artifacts import append_jsonl, atomic_write_json
 from pipeline.chat_template import ChatRenderer
+from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
+from pipeline.distributed import ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
 from pipeline.models import count_parameters, lora_config
 from pipeline.recipe import DpoConfig
-from pipeline.trainer_args import common_trainer_kwargs, gradient_accumulation, resume_checkpoint
+from pipeline.trainer_args import (
+    SameBatchesOnAnyTopology,
+    common_trainer_kwargs,
+    gradient_accumulation,
+    resume_checkpoint,
+)
 
 # ---------------------------------------------------------------- data
 
@@ -58,14 +66,30 @@ def tokenize_pairs(pairs: list[dict], renderer: ChatRenderer, max_length: int) -
     rows, too_long = [], 0
     for pair in pairs:
         row = tokenize_pair(renderer, pair)
-        if len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) > max_length:
+        if pair_length(row) > max_length:
             too_long += 1
             continue
         rows.append(row)
     return rows, too_long
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
+def prepare_rows(cfg: DpoConfig, renderer: ChatRenderer) -> tuple[list[dict], dict]:
+    """Read, check and tokenize the training pairs (run once per run: see data/cache.py)."""
+    started = time.perf_counter()
+    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs)
+    rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
+    if not rows:
+        raise PipelineError(f"dpo: no usable pairs ({report}, too long: {too_long})")
+    rows = [{**r, "length": pair_length(r)} for r in rows]
+    return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
+
+
+def pair_length(row: dict) -> int:
+    """Tokens of the longer side, prompt included: what length-grouped batching sorts by."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+class DPOTrainerOnOurRows(SameBatchesOnAnyTopology, DPOTrainer):
     """DPOTrainer fed with our rendered ids; TRL's own tokenization would parse control tokens in user text."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -189,7 +213,6 @@ class StuckMarginCheck(TrainerCallback):
 
 
 def run(cfg: DpoConfig, ctx) -> dict:
-    from datasets import Dataset
     from trl import DPOConfig as TrlDPOConfig
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
@@ -199,19 +222,19 @@ def run(cfg: DpoConfig, ctx) -> dict:
     # model and data
     model, tokenizer, base_source, sft_dir = load_sft_policy(ctx)
     renderer = ChatRenderer(tokenizer)
-    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs)
-    rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
-    if not rows:
-        raise PipelineError(f"dpo: no usable pairs ({report}, too long: {too_long})")
+    train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
+                                  lambda: prepare_rows(cfg, renderer))
+    report, too_long = data["report"], data["too_long"]
     eval_pairs = load_pairs(cfg.eval_data, "auto", "drop")[0][: cfg.eval_limit] if cfg.eval_data else []
     eval_rows, _ = tokenize_pairs(eval_pairs, renderer, cfg.max_length)
     answers = []
     for file in cfg.answer_data:
         answers += read_records(file, "conversation", keep=("answer",)).records
     answers = answers[: cfg.eval_limit]
-    ctx.log(f"{len(rows):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
+    ctx.log(f"{len(train_set):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; reference = the SFT model ({sft_dir})")
 
+    started = time.perf_counter()  # trainer set-up counts: precomputed reference log-probs happen there
     args = TrlDPOConfig(
         **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         beta=cfg.beta,
@@ -221,15 +244,16 @@ def run(cfg: DpoConfig, ctx) -> dict:
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         max_length=None,  # our length policy above already applied
     )
-    trainer = PretokenizedDPOTrainer(
+    trainer = DPOTrainerOnOurRows(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.lora),
         callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main)],
     )
     policy = trainer.model
+    setup_s = time.perf_counter() - started
     trainable, total = count_parameters(policy)
     ctx.log(f"fresh LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
             f"beta {cfg.beta}, loss {cfg.loss_type}; {cfg.global_batch_size} pairs per step = {world} process(es) x "
@@ -239,13 +263,19 @@ def run(cfg: DpoConfig, ctx) -> dict:
     before = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
               "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
     last = resume_checkpoint(ctx)
+    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
+    train_s = setup_s + time.perf_counter() - started
     policy = trainer.model
+    in_sync = ranks_agree(policy, accelerator, trainable_only=True)
+    if not in_sync:
+        raise StageFailed("dpo: the processes ended with different adapter weights (gradients were not synchronised)")
 
     after = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
              "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
     # a fingerprint of the final in-memory policy, so a rebuild from the saved folders can be checked
-    probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in rows[:4]], pad_id).tolist()
+    probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in train_set.select(range(4))],
+                             pad_id).tolist()
     kl_prompts = [p["prompt"] for p in eval_pairs] or prompts_of(answers)
     kl = kl_from_reference(policy, tokenizer, renderer, kl_prompts[: cfg.eval_limit], cfg.max_new_tokens, seed)
     _report(ctx, before, after, kl)
@@ -267,13 +297,16 @@ def run(cfg: DpoConfig, ctx) -> dict:
     return {
         "train_loss": result.training_loss,
         "steps": result.global_step,
-        "pairs": len(rows),
+        "pairs": len(train_set),
+        "tokenize_s": data["tokenize_s"],
+        "train_s": train_s,  # trainer set-up (reference log-probs when precomputed) and training
         "data": {**report, "too_long_dropped": too_long},
         "beta": cfg.beta,
         "loss_type": list(cfg.loss_type),
         "trainable_parameters": trainable,
         "gradient_accumulation": accumulation,
         "world_size": world,
+        "ranks_in_sync": in_sync,
         "before": before,
         "after": after,
         "kl_from_sft": kl,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json, truncate_log
 from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
 from pipeline.data.readers import read_records
+from pipeline.distributed import ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.models import autocast_dtype, build_model, count_parameters
 from pipeline.ngram import baseline_perplexities
@@ -333,15 +334,6 @@ def run(cfg: PretrainConfig, ctx) -> dict:
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-@torch.no_grad()
-def ranks_agree(model, accelerator) -> bool:
-    """Every process holds the same weights (checked by a sum and a sum of squares of all parameters)."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    summary = torch.stack([flat.sum(), (flat * flat).sum()]).to(accelerator.device)
-    gathered = accelerator.gather(summary[None]).view(-1, 2)
-    return bool((gathered == gathered[0]).all())
 
 
 def _grad_norm(model, accelerator, clip: float) -> float:

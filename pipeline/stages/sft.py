@@ -9,18 +9,27 @@ checkpoints, resume).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.chat_template import ChatRenderer
+from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
-from pipeline.errors import PipelineError
+from pipeline.distributed import ranks_agree
+from pipeline.errors import PipelineError, StageFailed
 from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, load_base_model, lora_config
 from pipeline.recipe import SftConfig
-from pipeline.trainer_args import MetricsLog, common_trainer_kwargs, gradient_accumulation, resume_checkpoint
+from pipeline.trainer_args import (
+    MetricsLog,
+    SameBatchesOnAnyTopology,
+    common_trainer_kwargs,
+    gradient_accumulation,
+    resume_checkpoint,
+)
 
 # ---------------------------------------------------------------- data
 
@@ -58,8 +67,24 @@ def tokenize_conversations(records: list[dict], renderer: ChatRenderer, cfg: Sft
         if not any(mask):
             counts["no_trained_tokens"] += 1  # truncation cut every assistant token
             continue
-        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)], "length": len(ids)})
     return rows, counts
+
+
+def prepare_rows(cfg: SftConfig, renderer: ChatRenderer) -> tuple[list[dict], dict]:
+    """Read, check and tokenize the training conversations (run once per run: see data/cache.py)."""
+    started = time.perf_counter()
+    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record)
+    rows, counts = tokenize_conversations(records, renderer, cfg)
+    if not rows:
+        raise PipelineError(f"sft: no trainable conversations left ({counts})")
+    return rows, {
+        "report": report,
+        "counts": counts,
+        "trained_tokens": sum(sum(1 for t in r["labels"] if t != -100) for r in rows),
+        "input_tokens": sum(r["length"] for r in rows),
+        "tokenize_s": time.perf_counter() - started,
+    }
 
 
 # ---------------------------------------------------------------- model
@@ -134,6 +159,9 @@ def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: 
 def run(cfg: SftConfig, ctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
+    class Trainer(SameBatchesOnAnyTopology, SFTTrainer):
+        pass
+
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = accelerator.num_processes
@@ -142,15 +170,13 @@ def run(cfg: SftConfig, ctx) -> dict:
     # model and data
     model, tokenizer, base_source = load_model_and_tokenizer(ctx, cfg, device_type)
     renderer = ChatRenderer(tokenizer)
-    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record)
-    rows, counts = tokenize_conversations(records, renderer, cfg)
-    if not rows:
-        raise PipelineError(f"sft: no trainable conversations left ({counts})")
+    train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
+                                  lambda: prepare_rows(cfg, renderer))
     eval_records, _ = load_conversations(cfg.eval_data, "auto", "error", keep=("answer",)) if cfg.eval_data else ([], {})
     eval_records = eval_records[: cfg.eval_limit]
-    trained_tokens = sum(sum(1 for t in r["labels"] if t != -100) for r in rows)
-    ctx.log(f"{len(rows):,} conversations ({trained_tokens:,} trained tokens); dropped {report['dropped'] or 'none'}; "
-            f"duplicates {report['duplicates']} ({cfg.duplicates}); length policy {counts}")
+    report, counts = data["report"], data["counts"]
+    ctx.log(f"{len(train_set):,} conversations ({data['trained_tokens']:,} trained tokens); dropped "
+            f"{report['dropped'] or 'none'}; duplicates {report['duplicates']} ({cfg.duplicates}); length policy {counts}")
 
     before = heldout_scores(model, tokenizer, eval_records, cfg, seed)
     if before:
@@ -163,24 +189,27 @@ def run(cfg: SftConfig, ctx) -> dict:
             f"{world} process(es) x {cfg.micro_batch_size} x {accumulation} accumulation")
 
     # train
-    from datasets import Dataset
-
+    started = time.perf_counter()
     args = SFTConfig(
         **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         weight_decay=cfg.weight_decay,
         max_length=None,  # lengths are already handled by our policy above
         dataset_kwargs={"skip_prepare_dataset": True},
     )
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=train_set,
         processing_class=tokenizer,
         callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main)],
     )
     last = resume_checkpoint(ctx)
     result = trainer.train(resume_from_checkpoint=last)
+    train_s = time.perf_counter() - started
     model = trainer.model
+    in_sync = ranks_agree(model, accelerator, trainable_only=True)
+    if not in_sync:
+        raise StageFailed("sft: the processes ended with different adapter weights (gradients were not synchronised)")
 
     # evaluate and save
     after = heldout_scores(model, tokenizer, eval_records, cfg, seed)
@@ -193,14 +222,18 @@ def run(cfg: SftConfig, ctx) -> dict:
     return {
         "train_loss": result.training_loss,
         "steps": result.global_step,
-        "conversations": len(rows),
-        "trained_tokens": trained_tokens,
+        "conversations": len(train_set),
+        "trained_tokens": data["trained_tokens"],
+        "input_tokens": data["input_tokens"],
+        "tokenize_s": data["tokenize_s"],
+        "train_s": train_s,  # trainer set-up and training, not the held-out answers
         "data": {**report, **counts},
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_share": trainable / total,
         "gradient_accumulation": accumulation,
         "world_size": world,
+        "ranks_in_sync": in_sync,
         "heldout_before": before,
         "heldout_after": after,
         "base": base_source,

@@ -1,0 +1,159 @@
+"""Benchmark our stages against TRL's defaults and plain PyTorch loops, in one run.
+
+    python -m pipeline.bench                      # pretrain, sft and dpo, 2 rounds
+    python -m pipeline.bench --tasks sft --rounds 3 --out bench.json
+
+Every contender trains on the same tiny model and data (pipeline/bench/workload.py), one trial
+per fresh process, interleaved A B A B so that drift of the machine hits all contenders alike.
+Prints throughput, peak memory and ratios against ours, and writes everything as JSON. Compare
+numbers only within one run: these machines drift by tens of percent between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# our stage / contender: throughput ratio at least, and (sft) peak memory ratio at most
+TARGETS = {
+    "pretrain": {"against": "plain loop", "speed": 0.9, "memory": None},
+    "sft": {"against": "TRL defaults", "speed": 2.0, "memory": 1.0},
+    "dpo": {"against": "TRL defaults", "speed": 1.5, "memory": None},
+}
+UNITS = {"pretrain": "tokens/s", "sft": "real tokens/s", "dpo": "pairs/s"}
+
+
+def run_trial(workdir: Path, task: str, contender: str, trial: int, overrides: list[str]) -> dict:
+    out = workdir / "trials" / f"{task}-{contender.replace(' ', '_').replace(',', '')}-{trial}.json"
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        code = subprocess.call([sys.executable, "-m", "pipeline.bench.trial", str(workdir), task, contender,
+                                str(trial), str(out)], stdout=handle, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PIPELINE_BENCH_SET": "\n".join(overrides)})
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"bench: trial {task} / {contender} #{trial} failed (exit {code}); log {log}:\n{tail}")
+    return json.loads(out.read_text())
+
+
+def summarise(task: str, trials: list[dict], flops_per_token: float, peaks: dict) -> dict:
+    by_contender: dict[str, list[dict]] = {}
+    for t in trials:
+        by_contender.setdefault(t["contender"], []).append(t)
+    contenders = {}
+    for name, runs in by_contender.items():
+        rates = [r["units"] / r["seconds"] for r in runs]
+        summary = {"rate": statistics.median(rates), "rates": rates,
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                   "rss_above_start_mb": statistics.median(r["peak_rss_mb"] - r["start_rss_mb"] for r in runs),
+                   "units_per_trial": runs[0]["units"]}
+        for key in ("bf16", "gradient_checkpointing", "subset"):
+            if key in runs[0]:
+                summary[key] = runs[0][key]
+        if task == "pretrain":
+            achieved = summary["rate"] * flops_per_token
+            summary["flop_per_s"] = achieved
+            summary["mfu_fp32_peak"] = achieved / peaks["fp32"]
+            summary["mfu_bf16_peak"] = achieved / peaks["bf16"]
+        contenders[name] = summary
+    ours = contenders["ours"]
+    ratios = {name: {"speed": ours["rate"] / c["rate"], "memory": ours["peak_rss_mb"] / c["peak_rss_mb"]}
+              for name, c in contenders.items() if name != "ours"}
+    target = TARGETS[task]
+    against = ratios.get(target["against"])
+    met = None
+    if against:
+        met = against["speed"] >= target["speed"] and (target["memory"] is None or against["memory"] <= target["memory"])
+    return {"unit": UNITS[task], "contenders": contenders, "ratios": ratios, "target": target, "target_met": met}
+
+
+def print_table(task: str, summary: dict) -> None:
+    from pipeline.bench.workload import SLOW_SUBSET
+
+    print(f"\n{task} ({summary['unit']}, median of trials; ratio = ours / contender)")
+    print(f"  {'contender':<20} {'rate':>10} {'peak RSS MB':>12} {'speed ratio':>12} {'memory ratio':>13}  notes")
+    for name, c in summary["contenders"].items():
+        ratio = summary["ratios"].get(name)
+        notes = []
+        if "mfu_fp32_peak" in c:
+            bf16 = f"{100 * c['mfu_bf16_peak']:.0f}% of the bf16 peak" if c["mfu_bf16_peak"] < c["mfu_fp32_peak"] \
+                else "bf16 matmuls are slower than fp32 here"
+            notes.append(f"{c['flop_per_s'] / 1e9:.1f} GFLOP/s, MFU {100 * c['mfu_fp32_peak']:.0f}% of the fp32 peak; {bf16}")
+        if "bf16" in c:
+            notes.append(f"bf16={c['bf16']} checkpointing={c['gradient_checkpointing']}"
+                         + (f", rate on the first {SLOW_SUBSET} examples" if c.get("subset") else ""))
+        notes.append("trials " + ", ".join(f"{r:,.1f}" for r in c["rates"]))
+        speed = f"{ratio['speed']:.2f}x" if ratio else "-"
+        memory = f"{ratio['memory']:.2f}x" if ratio else "-"
+        print(f"  {name:<20} {c['rate']:>10,.1f} {c['peak_rss_mb']:>12,.0f} {speed:>12} {memory:>13}  "
+              f"{'; '.join(notes)}")
+    t = summary["target"]
+    if summary["target_met"] is not None:
+        memory = f", memory <= {t['memory']}x" if t["memory"] else ""
+        print(f"  target vs {t['against']}: speed >= {t['speed']}x{memory}: "
+              f"{'met' if summary['target_met'] else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=["pretrain", "sft", "dpo"], default=["pretrain", "sft", "dpo"])
+    parser.add_argument("--contenders", nargs="+", help="only these contenders (ours always runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override our recipe for this run, to measure one lever (e.g. sft.batching=random)")
+    parser.add_argument("--rounds", type=int, default=2, help="trials per contender, interleaved (default 2)")
+    parser.add_argument("--size", choices=["full", "quick"], default="full", help="quick = a smoke test of the bench")
+    parser.add_argument("--workdir", default="runs/bench", help="where the workload and trial outputs go")
+    parser.add_argument("--out", help="JSON results (default WORKDIR/bench.json)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from pipeline.bench.contenders import CONTENDERS
+    from pipeline.bench.flops import matmul_peak, training_flops_per_token
+    from pipeline.bench.workload import SEQ_LEN, SIZES, prepare
+
+    workdir = Path(args.workdir).resolve()
+    started = time.time()
+    print(f"preparing the workload in {workdir} ...", flush=True)
+    setup_dir = prepare(workdir, SIZES[args.size])
+    torch.set_num_threads(os.cpu_count() or 1)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak with {torch.get_num_threads()} threads: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    from transformers import AutoConfig
+
+    flops_per_token = training_flops_per_token(AutoConfig.from_pretrained(setup_dir / "pretrain"), SEQ_LEN)
+
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "cuda": torch.cuda.is_available(), "matmul_peak_flop_per_s": peaks},
+               "size": args.size, "rounds": args.rounds, "overrides": args.overrides, "flops_per_token": flops_per_token, "tasks": {}}
+    for task in args.tasks:
+        names = [n for n in CONTENDERS[task] if n == "ours" or not args.contenders or n in args.contenders]
+        trials = []
+        for trial in range(args.rounds):
+            for name in names:  # A B A B: every round visits every contender once, in the same order
+                result = run_trial(workdir, task, name, trial, args.overrides)
+                trials.append(result)
+                print(f"  {task} #{trial} {name:<20} {result['units'] / result['seconds']:>10,.1f} {UNITS[task]}"
+                      f"  peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+        results["tasks"][task] = summary = summarise(task, trials, flops_per_token, peaks)
+        summary["trials"] = trials
+        print_table(task, summary)
+    results["wall_time_s"] = time.time() - started
+    out = Path(args.out) if args.out else workdir / "bench.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {out}  ({results['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

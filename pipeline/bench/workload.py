@@ -1,0 +1,152 @@
+"""The one workload every contender of the benchmark trains on: the same tiny model, tokenizer and data.
+
+`prepare(workdir)` builds it once: a tiny world, a bench recipe, and a short run of our own
+tokenizer, pretrain and sft stages (their outputs are the starting points of the trials).
+Then SFT conversations with lengths spread from 20 to 400 tokens are assembled from the world's
+question-answer turns, so that padding and batching choices show in the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+SFT_LENGTHS = (20, 400)  # rendered tokens per benchmark conversation
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much work one trial does; `quick` is for the smoke test of the bench itself."""
+
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    pretrain_steps: int
+    sft_conversations: int
+    dpo_pairs: int
+
+
+SIZES = {
+    "full": Size(hidden_size=256, num_layers=4, intermediate_size=768, pretrain_steps=40,
+                 sft_conversations=160, dpo_pairs=160),
+    "quick": Size(hidden_size=64, num_layers=2, intermediate_size=192, pretrain_steps=4,
+                  sft_conversations=16, dpo_pairs=16),
+}
+BATCH = 8  # sequences per optimizer step for every contender (TRL's default per-device batch size)
+SLOW_SUBSET = 32  # examples a contender trains on when it would use bf16 on a CPU that has no fast bf16
+SEQ_LEN = 256
+
+
+def recipe(workdir: Path, size: Size) -> dict:
+    """Our recipe for the bench: every stage at its defaults except the size of the work."""
+    world = workdir / "world"
+    return {
+        "name": "setup",
+        "output_dir": str(workdir / "runs"),
+        "seed": 0,
+        "tokenizer": {"corpus": [str(world / "pretrain.jsonl")], "vocab_size": 2048},
+        "pretrain": {
+            "train_data": [str(world / "pretrain.jsonl")],
+            "chat_data": [str(world / "pretrain_chat.jsonl")],
+            "eval_data": [str(world / "pretrain_heldout.jsonl")],
+            "model": {"architecture": "llama", "hidden_size": size.hidden_size, "num_layers": size.num_layers,
+                      "num_heads": 4, "num_kv_heads": 4, "intermediate_size": size.intermediate_size,
+                      "max_position_embeddings": 512},
+            "seq_len": SEQ_LEN, "global_batch_size": BATCH, "micro_batch_size": BATCH,
+            "max_steps": size.pretrain_steps, "warmup_steps": 2, "learning_rate": 1e-3,
+            "eval_every": 10_000, "checkpoint_every": 10_000, "eval_max_blocks": 8, "log_every": 10_000,
+        },
+        "sft": {
+            "train_data": [str(workdir / "sft_chats.jsonl")],
+            "epochs": 1, "global_batch_size": BATCH, "max_length": 512, "save_steps": 10_000,
+        },
+        "dpo": {
+            "train_data": [str(workdir / "dpo_pairs.jsonl")],
+            "epochs": 2, "global_batch_size": BATCH, "save_steps": 10_000,  # 2 = the stage's default
+            "stuck_after_steps": 10_000,
+        },
+    }
+
+
+def prepare(workdir: Path, size: Size) -> Path:
+    """Build the workload once (tokenizer, a pretrained starting model, an SFT adapter, data files)."""
+    from pipeline.data.world import write_world
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    world = workdir / "world"
+    if not (world / "pretrain.jsonl").exists():
+        write_world(world, seed=0, people=100)
+    setup_dir = workdir / "runs" / "setup"
+    config = recipe(workdir, size)
+    # the setup's own sft/dpo train on the world's files; the trials use the bench files below
+    setup = json.loads(json.dumps(config))
+    setup["sft"]["train_data"] = [str(world / "sft_train.jsonl")]
+    setup["sft"]["max_steps"] = 2
+    setup.pop("dpo")
+    setup_file = workdir / "setup.yaml"
+    setup_file.write_text(yaml.safe_dump(setup, sort_keys=False))
+    log = workdir / "setup.log"
+    with open(log, "w") as handle:
+        if subprocess.call([sys.executable, "-m", "pipeline", "run", str(setup_file)], stdout=handle,
+                           stderr=subprocess.STDOUT):
+            raise SystemExit(f"bench: preparing the workload failed; see {log}")
+
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(setup_dir / "tokenizer"))
+    turns = [r["messages"] for r in _jsonl(world / "sft_train.jsonl")]
+    _write_jsonl(workdir / "sft_chats.jsonl", varied_length_chats(turns, renderer, size.sft_conversations, seed=0))
+    _write_jsonl(workdir / "dpo_pairs.jsonl", _jsonl(world / "dpo_train.jsonl")[: size.dpo_pairs])
+    (workdir / "bench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return setup_dir
+
+
+def varied_length_chats(conversations: list[list[dict]], renderer, n: int, seed: int) -> list[dict]:
+    """n multi-turn chats, each grown turn by turn to a length drawn uniformly from SFT_LENGTHS."""
+    rng = random.Random(seed)
+    low, high = SFT_LENGTHS
+    chats = []
+    while len(chats) < n:
+        target = rng.randint(low, high)
+        messages: list[dict] = []
+        while True:
+            turn = rng.choice(conversations)[:2]  # one user question and its answer
+            longer = messages + turn
+            length = len(renderer.render(longer).input_ids)
+            if length > high:
+                break
+            messages = longer
+            if length >= target:
+                break
+        if messages and len(renderer.render(messages).input_ids) >= low:
+            chats.append({"messages": messages})
+    return chats
+
+
+def trial_run_dir(workdir: Path, task: str, trial: int) -> Path:
+    """A fresh run folder holding copies of the setup stages that `task` starts from."""
+    needs = {"pretrain": ["tokenizer"], "sft": ["tokenizer", "pretrain"], "dpo": ["tokenizer", "pretrain", "sft"]}
+    run_dir = workdir / "runs" / f"{task}-{trial}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for stage in needs[task]:
+        shutil.copytree(workdir / "runs" / "setup" / stage, run_dir / stage,
+                        ignore=shutil.ignore_patterns("checkpoints", "cache", "tensorboard"))
+    return run_dir
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -1,0 +1,51 @@
+"""The benchmark's own arithmetic and workload (the benchmark itself runs outside the test suite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.bench.__main__ import summarise
+from pipeline.bench.flops import training_flops_per_token
+from pipeline.bench.workload import SFT_LENGTHS, varied_length_chats
+
+
+def test_flops_per_token_by_hand():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=16, vocab_size=100)
+    # per layer: q and o 8x8 each, k and v 8x4 each (one kv head of size 4), gate/up/down 8x16 each
+    per_layer = 2 * 64 + 2 * 32 + 3 * 128
+    weights = 2 * per_layer + 8 * 100  # + output head
+    assert training_flops_per_token(config, seq_len=10) == 6 * weights + 12 * 2 * 8 * 10
+
+
+def test_varied_length_chats_span_the_range(tiny_world, tiny_tokenizer):
+    from pipeline.chat_template import ChatRenderer
+
+    renderer = ChatRenderer(tiny_tokenizer)
+    turns = [json.loads(line)["messages"] for line in (tiny_world / "sft_train.jsonl").read_text().splitlines()]
+    chats = varied_length_chats(turns, renderer, 40, seed=0)
+    lengths = [len(renderer.render(c["messages"]).input_ids) for c in chats]
+    low, high = SFT_LENGTHS
+    assert len(chats) == 40 and min(lengths) >= low and max(lengths) <= high
+    assert max(lengths) - min(lengths) > (high - low) / 2  # spread out, so padding matters
+    assert all(m["role"] == ("user", "assistant")[i % 2] for c in chats for i, m in enumerate(c["messages"]))
+
+
+def _trial(contender, units, seconds, peak):
+    return {"contender": contender, "units": units, "seconds": seconds, "peak_rss_mb": peak, "start_rss_mb": 100}
+
+
+def test_summary_ratios_use_medians():
+    trials = [_trial("ours", 100, 1, 500), _trial("TRL defaults", 100, 4, 600),
+              _trial("ours", 100, 2, 520), _trial("TRL defaults", 100, 5, 640),
+              _trial("ours", 100, 1.5, 510), _trial("TRL defaults", 100, 3, 620)]
+    summary = summarise("sft", trials, flops_per_token=1.0, peaks={"fp32": 1.0, "bf16": 1.0})
+    ours, trl = summary["contenders"]["ours"], summary["contenders"]["TRL defaults"]
+    assert ours["rate"] == pytest.approx(100 / 1.5) and trl["rate"] == pytest.approx(25)
+    assert summary["ratios"]["TRL defaults"]["speed"] == pytest.approx((100 / 1.5) / 25)
+    assert summary["ratios"]["TRL defaults"]["memory"] == pytest.approx(510 / 620)
+    assert summary["target_met"] is True  # 2.67x faster with less memory
