@@ -165,8 +165,9 @@ class SftConfig:
     epochs: float = option(5.0, "passes over the training conversations (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 = use epochs")
     global_batch_size: int = option(16, "conversations per optimizer step, summed over processes")
-    micro_batch_size: int = option(4, "conversations per forward pass on one process; accumulation is derived "
-                                      "(4 measured fastest and leanest on a CPU: python -m pipeline.bench)")
+    micro_batch_size: int = option(2, "conversations per forward pass on one process; accumulation is derived "
+                                      "(small micro-batches bound peak memory at little cost in speed: "
+                                      "python -m pipeline.bench)")
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
     learning_rate: float = option(1e-3, "peak learning rate")
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
