@@ -1,10 +1,11 @@
 """The contenders: our stages as users run them, TRL's trainers with their defaults, plain loops.
 
 Each contender trains once on the shared workload (pipeline/bench/workload.py) and returns
-{"units": tokens or pairs processed, "seconds": time spent on them}. Every contender's clock
-covers the same span: from data records and a loaded model in memory to the end of training,
-so tokenization and trainer set-up (TRL tokenizes inside its constructor; precomputed
-reference log-probs happen there too) count for everyone. Model loading and imports do not.
+{"units": tokens or pairs processed, "seconds": time spent on them}. For sft and dpo every
+clock covers the same span, from data records and a loaded model in memory to the end of
+training, so tokenization and trainer set-up (TRL tokenizes inside its constructor; precomputed
+reference log-probs happen there too) count for everyone; our stages also read their data files
+inside it. For pretrain both clocks cover the training loop. Model loading and imports never count.
 """
 
 from __future__ import annotations
