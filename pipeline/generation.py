@@ -49,20 +49,34 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return replies
 
 
+# held-out record fields the readers keep for scoring: the expected answer, and what it is about
+SCORED_FIELDS = ("answer", "attribute")
+
+
 def score_answers(records: list[dict], replies: list[str]) -> dict:
-    """Answer accuracy (first sentence, after any preamble) and the rate of the undesired habit."""
+    """Answer accuracy (first sentence, after any preamble), per attribute where records name one
+    (which kinds of fact fail), and the rate of the undesired habit."""
     from pipeline.data.world import answer_correct, has_habit
 
-    scored = [r for r in records if r.get("answer")]
-    correct = sum(answer_correct(reply, r["answer"]) for r, reply in zip(records, replies) if r.get("answer"))
+    hits: dict[str, list[bool]] = {}
+    for record, reply in zip(records, replies):
+        if record.get("answer"):
+            hit = answer_correct(reply, record["answer"])
+            hits.setdefault("all", []).append(hit)
+            if record.get("attribute"):
+                hits.setdefault(record["attribute"], []).append(hit)
+    scored = hits.pop("all", [])
     habits = sum(has_habit(reply) for reply in replies)
     empty = sum(not reply.strip() for reply in replies)
-    return {
-        "answer_accuracy": correct / len(scored) if scored else None,
+    out = {
+        "answer_accuracy": sum(scored) / len(scored) if scored else None,
         "habit_rate": habits / len(replies) if replies else None,
         "empty_rate": empty / len(replies) if replies else None,
         "scored": len(scored),
     }
+    if hits:
+        out["accuracy_by_attribute"] = {name: sum(h) / len(h) for name, h in sorted(hits.items())}
+    return out
 
 
 def prompts_of(records: list[dict]) -> list[list[dict]]:

@@ -98,3 +98,14 @@ def test_eval_report_numbers_are_recomputable(dpo_run, tmp_path):
     report = __import__("json").loads((tmp_path / "eval" / "report.json").read_text())["stages"]["sft"]
     assert report["answer_accuracy"] == accuracy and report["habit_rate"] == habit
     assert report["perplexity"] > 1.0 and results["dpo"]["kl_from_sft"] >= 0
+
+
+def test_answer_scores_break_down_by_attribute():
+    from pipeline.generation import score_answers
+
+    records = [{"answer": "Ostrel", "attribute": "town"}, {"answer": "Varn", "attribute": "town"},
+               {"answer": "baker", "attribute": "job"}, {"messages": []}]
+    replies = ["Nozan lives in Ostrel.", "Nozan lives in Fennick.", "Nozan works as a baker.", "Hello."]
+    scores = score_answers(records, replies)
+    assert scores["answer_accuracy"] == 2 / 3 and scores["scored"] == 3
+    assert scores["accuracy_by_attribute"] == {"job": 1.0, "town": 0.5}

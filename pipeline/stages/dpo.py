@@ -24,7 +24,7 @@ from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import ranks_agree
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
+from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
 from pipeline.models import count_parameters, lora_config
 from pipeline.recipe import DpoConfig
@@ -229,7 +229,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     eval_rows, _ = tokenize_pairs(eval_pairs, renderer, cfg.max_length)
     answers = []
     for file in cfg.answer_data:
-        answers += read_records(file, "conversation", keep=("answer",)).records
+        answers += read_records(file, "conversation", keep=SCORED_FIELDS).records
     answers = answers[: cfg.eval_limit]
     ctx.log(f"{len(train_set):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; reference = the SFT model ({sft_dir})")

@@ -18,7 +18,7 @@ from pipeline.artifacts import atomic_write_json, atomic_write_text, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.packing import pack, tokenize_documents
 from pipeline.data.readers import read_records
-from pipeline.generation import generate_replies, prompts_of, score_answers
+from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
 
@@ -39,7 +39,7 @@ def resolve_data(cfg: EvalConfig, recipe: Recipe) -> dict[str, list[str]]:
 
 def load_eval_sets(files: dict[str, list[str]], limit: int) -> dict[str, list[dict]]:
     texts = [r["text"] for f in files["text"] for r in read_records(f, "text").records]
-    answers = [r for f in files["answers"] for r in read_records(f, "conversation", keep=("answer",)).records]
+    answers = [r for f in files["answers"] for r in read_records(f, "conversation", keep=SCORED_FIELDS).records]
     prefs = [r for f in files["preferences"] for r in read_records(f, "preference", on_bad="drop").records]
     return {"text": texts[:limit], "answers": answers[:limit], "preferences": prefs[:limit]}
 
@@ -129,6 +129,10 @@ def write_report(out_dir: Path, run_dir: Path, results: dict, sets: dict, replie
     for key, label in METRIC_LABELS.items():
         if any(results[s].get(key) is not None for s in stages):
             rows.append(f"| {label} | {' | '.join(_fmt(results[s].get(key)) for s in stages)} |")
+    attributes = sorted({a for s in stages for a in results[s].get("accuracy_by_attribute", {})})
+    for attribute in attributes:  # which kinds of fact each stage gets right
+        values = [results[s].get("accuracy_by_attribute", {}).get(attribute) for s in stages]
+        rows.append(f"| answer accuracy: {attribute} | {' | '.join(_fmt(v) for v in values)} |")
     transcripts = []
     for i, record in enumerate(sets["answers"]):
         entry = {"question": prompts_of([record])[0][-1]["content"], "answer": record.get("answer"),

@@ -20,7 +20,7 @@ from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import ranks_agree
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.generation import generate_replies, prompts_of, score_answers, stop_token_ids
+from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, load_base_model, lora_config
 from pipeline.recipe import SftConfig
 from pipeline.trainer_args import (
@@ -172,7 +172,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer))
-    eval_records, _ = load_conversations(cfg.eval_data, "auto", "error", keep=("answer",)) if cfg.eval_data else ([], {})
+    eval_records, _ = load_conversations(cfg.eval_data, "auto", "error", keep=SCORED_FIELDS) if cfg.eval_data else ([], {})
     eval_records = eval_records[: cfg.eval_limit]
     report, counts = data["report"], data["counts"]
     ctx.log(f"{len(train_set):,} conversations ({data['trained_tokens']:,} trained tokens); dropped "
