@@ -11,7 +11,6 @@ inside it. For pretrain both clocks cover the training loop. Model loading and i
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.workload import BATCH, SLOW_SUBSET, trial_run_dir
+from pipeline.bench.workload import BATCH, SLOW_SUBSET, read_jsonl, trial_run_dir
 
 
 def _recipe(workdir: Path, name: str, overrides: list[str] = ()):
@@ -56,7 +55,7 @@ def ours(task: str, workdir: Path, trial: int) -> dict:
     record = run_recipe(_recipe(workdir, run_dir.name, overrides), only=task)[task]
     metrics = record["metrics"]
     if task == "pretrain":
-        logged = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        logged = read_jsonl(run_dir / "pretrain" / "metrics.jsonl")
         rate = [r for r in logged if "tokens_per_s" in r][-1]["tokens_per_s"]  # over the whole loop
         tokens = metrics["steps"] * metrics["tokens_per_step"]
         return {"units": tokens, "seconds": tokens / rate}
@@ -118,7 +117,7 @@ def _lora(workdir: Path, stage: str):
 
 
 def _chats(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "sft_chats.jsonl").read_text().splitlines()]
+    return read_jsonl(workdir / "sft_chats.jsonl")
 
 
 def trl_sft(workdir: Path, trial: int, fp32: bool) -> dict:
@@ -181,7 +180,7 @@ def trl_dpo(workdir: Path, trial: int, fp32: bool) -> dict:
 
     model, tokenizer = _pretrained(workdir)
     model = PeftModel.from_pretrained(model, workdir / "runs" / "setup" / "sft").merge_and_unload()
-    pairs = [json.loads(line) for line in (workdir / "dpo_pairs.jsonl").read_text().splitlines()]
+    pairs = read_jsonl(workdir / "dpo_pairs.jsonl")
     pairs = pairs[: SLOW_SUBSET if _slow_bf16(fp32) else None]
     dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     started = time.perf_counter()

@@ -8,6 +8,7 @@ question-answer turns, so that padding and batching choices show in the numbers.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -86,7 +87,7 @@ def prepare(workdir: Path, size: Size) -> Path:
     setup_dir = workdir / "runs" / "setup"
     config = recipe(workdir, size)
     # the setup's own sft/dpo train on the world's files; the trials use the bench files below
-    setup = json.loads(json.dumps(config))
+    setup = copy.deepcopy(config)
     setup["sft"]["train_data"] = [str(world / "sft_train.jsonl")]
     setup["sft"]["max_steps"] = 2
     setup.pop("dpo")
@@ -103,9 +104,9 @@ def prepare(workdir: Path, size: Size) -> Path:
     from pipeline.chat_template import ChatRenderer
 
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(setup_dir / "tokenizer"))
-    turns = [r["messages"] for r in _jsonl(world / "sft_train.jsonl")]
+    turns = [r["messages"] for r in read_jsonl(world / "sft_train.jsonl")]
     _write_jsonl(workdir / "sft_chats.jsonl", varied_length_chats(turns, renderer, size.sft_conversations, seed=0))
-    _write_jsonl(workdir / "dpo_pairs.jsonl", _jsonl(world / "dpo_train.jsonl")[: size.dpo_pairs])
+    _write_jsonl(workdir / "dpo_pairs.jsonl", read_jsonl(world / "dpo_train.jsonl")[: size.dpo_pairs])
     (workdir / "bench.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return setup_dir
 
@@ -144,7 +145,7 @@ def trial_run_dir(workdir: Path, task: str, trial: int) -> Path:
     return run_dir
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.artifacts import replace_dir
 
 
 def cached_rows(accelerator, folder: Path, key: str, build: Callable[[], tuple[list[dict], dict]]):
@@ -32,8 +34,7 @@ def cached_rows(accelerator, folder: Path, key: str, build: Callable[[], tuple[l
                 shutil.rmtree(tmp, ignore_errors=True)
                 Dataset.from_list(rows).save_to_disk(str(tmp))
                 (tmp / "meta.json").write_text(json.dumps({"key": key, "meta": meta}))
-                shutil.rmtree(folder, ignore_errors=True)
-                tmp.rename(folder)
+                replace_dir(tmp, folder)
             else:  # only the main process writes; this one keeps its rows in memory
                 return Dataset.from_list(rows), meta
     # Every process reads the same files, so a later .map() (TRL's precomputed reference

@@ -66,7 +66,8 @@ def tokenize_pairs(pairs: list[dict], renderer: ChatRenderer, max_length: int) -
     rows, too_long = [], 0
     for pair in pairs:
         row = tokenize_pair(renderer, pair)
-        if pair_length(row) > max_length:
+        row["length"] = pair_length(row)  # what length-grouped batching sorts by
+        if row["length"] > max_length:
             too_long += 1
             continue
         rows.append(row)
@@ -80,12 +81,11 @@ def prepare_rows(cfg: DpoConfig, renderer: ChatRenderer) -> tuple[list[dict], di
     rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
     if not rows:
         raise PipelineError(f"dpo: no usable pairs ({report}, too long: {too_long})")
-    rows = [{**r, "length": pair_length(r)} for r in rows]
     return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
 
 
 def pair_length(row: dict) -> int:
-    """Tokens of the longer side, prompt included: what length-grouped batching sorts by."""
+    """Tokens of the longer side, prompt included."""
     return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
