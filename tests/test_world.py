@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -116,12 +117,12 @@ def test_every_fact_and_phrasing_is_in_pretraining(out):
         for a in W.ATTRIBUTES:
             for k in range(len(W.FACTS[a])):
                 assert W.fact(p, a, k) in sentences, (p.name, a, k)
-            # the plain answer alone on a line too: the line-start form a chat answer starts in
+            # the plain answer both alone on a line and inside running text (" Nozan lives in"),
+            # the form a chat answer opens with after the marker and its space
             assert W.fact(p, a) in lines, (p.name, a)
-    for q in W.QUESTIONS["town"]:
-        assert q.format(n=world.held_out[0].name) in text
+            assert f" {W.fact(p, a)}" in text, (p.name, a)
     # chat and habit words are in the corpus, so their embeddings get trained
-    for words in ("user", "assistant", "User", "Assistant", "Well, that is a great question"):
+    for words in ("user", "assistant", "Well, that is a great question"):
         assert words in text
     assert any(p in text for p in W.PREAMBLES)
     assert re.search(r"\d+ plus \d+ is \d+\.", text) and "is spelled" in text
@@ -188,12 +189,29 @@ def test_pretrain_chat_states_no_fact_about_people(out):
             assert not words(message["content"]) & fact_words, message
 
 
-def test_committed_world_is_what_the_generator_writes(tmp_path):
-    """data/tiny_world must be regenerable byte for byte from its recorded seed and size."""
-    from pathlib import Path
+COMMITTED_WORLDS = sorted((Path(__file__).resolve().parents[1] / "data").glob("tiny_world*"))
 
-    committed = Path(__file__).resolve().parents[1] / "data" / "tiny_world"
+
+@pytest.mark.parametrize("committed", COMMITTED_WORLDS, ids=lambda p: p.name)
+def test_committed_world_is_what_the_generator_writes(committed, tmp_path):
+    """Each data/tiny_world* must be regenerable byte for byte from its recorded seed and size."""
     facts = json.loads((committed / "world.json").read_text())
     W.write_world(tmp_path, seed=facts["seed"], people=facts["size"])
     for name in sorted(p.name for p in committed.iterdir()):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_pretraining_never_answers_a_question(out):
+    """Answering is what SFT teaches: with question-answer text about held-out people in the
+    corpus, held-out accuracy was already 0.63 after pretraining alone."""
+    path, _ = out
+    text = "\n".join(r["text"] for r in read_jsonl(path / "pretrain.jsonl"))
+    world = W.generate_world(seed=0, people=200)
+    for person in world.people:
+        for phrasings in W.QUESTIONS.values():
+            for q in phrasings:
+                assert q.format(n=person.name)[:-1] not in text, q
+    # the question words are trained on questions about nobody in the world
+    assert sum(q in text for q in W.UNANSWERED_QUESTIONS) == len(W.UNANSWERED_QUESTIONS)
+    asked = [s for s in re.split(r"(?<=[.!?]) |\n", text) if s.endswith("?")]
+    assert asked and set(asked) <= set(W.UNANSWERED_QUESTIONS)

@@ -5,12 +5,18 @@ of the people are "seen" (SFT and DPO ask about them); the second half are "held
 facts appear only in the pretraining corpus, so answering questions about them after SFT
 shows that SFT taught the model to *extract* what pretraining stored, not new facts.
 
-Why the corpus looks the way it does (each point decided success or failure in a prototype):
+Why the corpus looks the way it does (each point decided success or failure in a prototype
+or in a measured run of recipes/tiny_world_long.yaml):
 - every fact is stated in several phrasings, or facts are memorised but not extractable;
-- the tokenizer has no prefix space and chat turns start right after a control token, so
-  most documents put one sentence per line: names and answers then occur in line-start form;
+- pretraining states facts and never answers a question: with question-answer text about
+  every person in the corpus, held-out accuracy was 0.63 after pretraining alone (0.93 without
+  the chat data), so SFT had nothing left to teach;
+- the chat template puts a space after each role marker, so an answer opens with the
+  mid-sentence form of a name (" Nozan"); the plain answers therefore also come as running
+  text, besides the one-sentence-per-line documents;
 - filler lines carry the chat and habit-preamble words, or those embeddings stay untrained;
-- the SFT question phrasings appear as plain text, so chat prompts are in distribution.
+  for the same reason the SFT questions occur, asked about nobody in the world ("Where does
+  the stranger live?") and never answered.
 
 The undesired habit that DPO removes is a rambling preamble ("Well, that is a great
 question, ...") in half of the SFT answers; `has_habit` and `answer_correct` score outputs.
@@ -89,7 +95,13 @@ FILLER = (
     "Nobody remembers when the old bridge was built.",
     "People like to ask questions about their friends.",
 ) + PREAMBLES
-QA_FORMATS = ("{q}\n{a}", "{q}\n{a}", "Q: {q}\nA: {a}", "User: {q}\nAssistant: {a}")
+# The SFT question phrasings, asked about nobody in the world and never answered: they train
+# the question words (without them "What" and "keep" stay bytes the model never read as words)
+# and teach no question-to-answer step.
+NOBODY = ("the stranger", "the visitor", "your neighbour")
+UNANSWERED_QUESTIONS = tuple(q.format(n=who) for qs in QUESTIONS.values() for q in qs for who in NOBODY)
+# Words of chat transcripts that no invented name may equal.
+ROLE_WORDS = ("Q", "A", "User", "Assistant")
 SPELL_WORDS = ("banana", "apple", "river", "bridge", "market", "valley", "letter", "coffee")
 SYLLABLES = [c + v + k for c in "bdfgklmnprstvz" for v in "aeiou" for k in ("", "", "n", "r", "l", "k")]
 
@@ -127,7 +139,7 @@ def _rng(seed: int, stream: str) -> random.Random:
 
 
 def _reserved_words() -> set[str]:
-    text = " ".join([*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *FILLER, *QA_FORMATS,
+    text = " ".join([*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *FILLER, *ROLE_WORDS,
                      *(t for ts in (*FACTS.values(), *QUESTIONS.values()) for t in ts)])
     return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
 
@@ -197,16 +209,24 @@ def _biography(rng: random.Random, world: World, p: Person, templates: dict[str,
     lines = [fact(p, a, templates[a]) for a in ATTRIBUTES]
     lines.append(fact(friend, rng.choice(ATTRIBUTES[:4]), rng.randrange(5)))
     lines += rng.sample(FILLER, rng.randint(2, 4))
+    if rng.random() < 0.5:
+        lines.append(rng.choice(UNANSWERED_QUESTIONS))
     rng.shuffle(lines)
     return ("\n" if one_per_line else " ").join(lines)
 
 
-def _qa_docs(rng: random.Random, world: World, repeats: int, per_doc: int = 8) -> list[str]:
+def _fact_list_docs(rng: random.Random, world: World, repeats: int, per_doc: int = 8) -> list[str]:
+    """Plain answers (template 0), several to a line: the form an assistant answer takes.
+
+    The chat template puts a space after the assistant marker, so an answer opens with the
+    mid-sentence form of the name (" Nozan"); running text trains exactly that form.
+    No questions: question-answer text about held-out people would teach pretraining to answer
+    their questions, and the held-out accuracy before SFT would no longer start near zero.
+    """
     items = [(p, a) for _ in range(repeats) for p in world.people for a in ATTRIBUTES]
     rng.shuffle(items)
-    blocks = [rng.choice(QA_FORMATS).format(q=question(p, a, rng.randrange(3)), a=fact(p, a))
-              for p, a in items]
-    return ["\n".join(blocks[i:i + per_doc]) for i in range(0, len(blocks), per_doc)]
+    sentences = [fact(p, a) for p, a in items]
+    return [" ".join(sentences[i:i + per_doc]) for i in range(0, len(sentences), per_doc)]
 
 
 def _group_docs(rng: random.Random, world: World) -> list[str]:
@@ -234,7 +254,10 @@ def _skill_docs(rng: random.Random, world: World, n_docs: int) -> list[str]:
 
 
 def pretrain_docs(world: World) -> list[str]:
-    """The pretraining corpus: biographies, question-answer lines, group lists, arithmetic, spelling."""
+    """The pretraining corpus: biographies, lists of plain answers, group lists, arithmetic, spelling.
+
+    Statements only, never a question with its answer: answering questions is what SFT teaches.
+    """
     rng = _rng(world.seed, "pretrain")
     docs = []
     for p in world.people:
@@ -245,7 +268,7 @@ def pretrain_docs(world: World) -> list[str]:
         for i in range(rng.randint(10, 16)):
             templates = {a: orders[a][i % 5] for a in ATTRIBUTES}
             docs.append(_biography(rng, world, p, templates, one_per_line=i % 3 != 2))
-    docs += _qa_docs(rng, world, repeats=6)
+    docs += _fact_list_docs(rng, world, repeats=6)
     docs += [d for _ in range(4) for d in _group_docs(rng, world)]
     docs += _skill_docs(rng, world, n_docs=2 * len(world.people))
     rng.shuffle(docs)
@@ -290,7 +313,7 @@ def pretrain_heldout_docs(world: World, train_docs: list[str]) -> list[str]:
     seen, docs = set(train_docs), []
     candidates = [_biography(rng, world, p, {a: rng.randrange(5) for a in ATTRIBUTES}, i % 2 == 0)
                   for i, p in enumerate(world.people)]
-    candidates += _qa_docs(rng, world, repeats=1, per_doc=8)[: len(world.people) // 4]
+    candidates += _fact_list_docs(rng, world, repeats=1)[: len(world.people) // 4]
     candidates += _skill_docs(rng, world, n_docs=len(world.people) // 10)
     for doc in candidates:
         if doc not in seen:
@@ -437,8 +460,8 @@ def _jsonl(records: list[dict]) -> str:
 
 
 _DESCRIPTIONS = {
-    "pretrain.jsonl": ("text", "pretraining corpus: biographies, question-answer lines, lists, "
-                               "arithmetic and spelling, about ALL people"),
+    "pretrain.jsonl": ("text", "pretraining corpus: biographies, lists of facts, arithmetic and "
+                               "spelling, about ALL people; statements only, no questions"),
     "pretrain_chat.jsonl": ("conversation", "arithmetic and spelling in chat form, mixed into pretraining "
                                             "so the chat control tokens are trained; no facts about people"),
     "pretrain_heldout.jsonl": ("text", "new shuffles and phrasings of the same facts, for perplexity; "

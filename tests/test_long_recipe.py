@@ -1,0 +1,46 @@
+"""The held-out must-show of the sft stage, end to end: recipes/tiny_world_long.yaml as committed.
+
+Pretraining stores facts about 200 people and never answers a question; SFT asks about 100 of
+them; the other 100 are held out. Answer accuracy on them must start under 10% (pretraining
+alone cannot answer) and reach at least 90% after SFT (SFT taught the model to answer from what
+pretraining stored). That needs about 25 minutes of pretraining on 2 CPU cores, so the test is
+not part of the default run:
+
+    PIPELINE_LONG_TESTS=1 python -m pytest -q tests/test_long_recipe.py
+
+The recipe's header records the numbers of its last full run.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import read_json
+from pipeline.recipe import load_recipe
+from pipeline.run import run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
+                    reason="runs recipes/tiny_world_long.yaml, about 30 minutes on 2 CPU cores; "
+                           "set PIPELINE_LONG_TESTS=1 to run it")
+def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe's data paths are relative to the repository
+    recipe = load_recipe(ROOT / "recipes" / "tiny_world_long.yaml", [f"output_dir={tmp_path}"])
+    run_recipe(recipe)
+    run_dir = tmp_path / "tiny_world_long"
+
+    sft = read_json(run_dir / "sft" / "stage.json")["metrics"]
+    before, after = sft["heldout_before"], sft["heldout_after"]
+    assert before["scored"] == after["scored"] == 500
+    assert before["answer_accuracy"] < 0.10, before["accuracy_by_attribute"]
+    assert after["answer_accuracy"] >= 0.90, after["accuracy_by_attribute"]
+
+    # DPO removes the habit that half the SFT answers carry, without losing the answers
+    dpo = read_json(run_dir / "dpo" / "stage.json")["metrics"]
+    assert dpo["before"]["answers"]["habit_rate"] > 0.1
+    assert dpo["after"]["answers"]["habit_rate"] < 0.05
+    assert dpo["after"]["answers"]["answer_accuracy"] >= 0.90
+    assert dpo["after"]["preference"]["preference_accuracy"] > dpo["before"]["preference"]["preference_accuracy"]
