@@ -14,6 +14,9 @@ or in a measured run of recipes/tiny_world_long.yaml):
 - the chat template puts a space after each role marker, so an answer opens with the
   mid-sentence form of a name (" Nozan"); the plain answers therefore also come as running
   text, besides the one-sentence-per-line documents;
+- SFT needs enough seen people to learn to copy the asked-about name: with 50 (100 people in
+  all) the adapter often answered held-out questions with a seen person's name, mostly after
+  the habit's preamble (held-out accuracy 0.77-0.87 after SFT); with 100 seen it was 0.98;
 - filler lines carry the chat and habit-preamble words, or those embeddings stay untrained;
   for the same reason the SFT questions occur, asked about nobody in the world ("Where does
   the stranger live?") and never answered.
