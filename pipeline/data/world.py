@@ -464,7 +464,8 @@ def _jsonl(records: list[dict]) -> str:
 
 _DESCRIPTIONS = {
     "pretrain.jsonl": ("text", "pretraining corpus: biographies, lists of facts, arithmetic and "
-                               "spelling, about ALL people; statements only, no questions"),
+                               "spelling, about ALL people; no question about a person is ever asked "
+                               "or answered"),
     "pretrain_chat.jsonl": ("conversation", "arithmetic and spelling in chat form, mixed into pretraining "
                                             "so the chat control tokens are trained; no facts about people"),
     "pretrain_heldout.jsonl": ("text", "new shuffles and phrasings of the same facts, for perplexity; "
