@@ -18,35 +18,59 @@ def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0) -> list[str]:
-    """One reply per conversation (each ends with a user turn); greedy unless do_sample."""
+                     seed: int = 0, accelerator=None) -> list[str]:
+    """One reply per conversation (each ends with a user turn); greedy unless do_sample.
+
+    With an `accelerator` of several processes the batches are dealt out round-robin and every
+    process gets all replies back, in order. Each batch is seeded by its index, so the replies are
+    the same on any number of processes.
+    """
     renderer = ChatRenderer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn
     device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) \
+        if do_sample else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+
+    def answer(batch_prompts: list[list[dict]], batch_seed: int) -> list[str]:
+        torch.manual_seed(batch_seed)
+        batch = [renderer.prompt_ids(p) for p in batch_prompts]
+        width = max(map(len, batch))
+        # left padding, so every prompt ends where its reply begins
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                             eos_token_id=stop_token_ids(tokenizer, renderer), pad_token_id=pad_id, **sampling)
+        replies = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
+        # templates that put a space between the role marker and the text leave it on the reply
+        return [r[1:] if r.startswith(" ") else r for r in replies]
+
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
     was_training = model.training
     model.eval()
-    replies: list[str] = []
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    mine: dict[int, list[str]] = {}
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = [renderer.prompt_ids(p) for p in prompts[start : start + batch_size]]
-            width = max(map(len, batch))
-            # left padding, so every prompt ends where its reply begins
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) \
-                if do_sample else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stop_token_ids(tokenizer, renderer), pad_token_id=pad_id, **sampling)
-            for row in out[:, width:]:
-                reply = tokenizer.decode(row, skip_special_tokens=True)
-                # templates that put a space between the role marker and the text leave it on the reply
-                replies.append(reply[1:] if reply.startswith(" ") else reply)
+        # every process makes the same number of generate calls: a sharded model (FSDP, ZeRO-3)
+        # needs all of them in each forward pass, so a process out of batches repeats the last one
+        for first in range(0, len(batches), world):
+            index = first + rank
+            if index < len(batches):
+                mine[index] = answer(batches[index], seed + index)
+            else:
+                answer(batches[-1], seed)
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
-    return replies
+    if world == 1:
+        return [reply for i in range(len(batches)) for reply in mine[i]]
+    from accelerate.utils import gather_object
+
+    everyone: dict[int, list[str]] = {}
+    for part in gather_object([mine]):
+        everyone.update(part)
+    return [reply for i in range(len(batches)) for reply in everyone[i]]
 
 
 # held-out record fields the readers keep for scoring: the expected answer, and what it is about

@@ -142,3 +142,31 @@ def test_tokenized_rows_are_built_once_and_read_back(tmp_path):
     assert again.to_list() == first.to_list() == rows
     rebuilt, _ = cached_rows(accelerator, folder, "key-2", build)  # another tokenizer: built afresh
     assert built == [1, 1] and rebuilt.to_list() == rows
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="the accelerate launcher is not installed")
+def test_held_out_answers_are_split_across_processes_and_equal_one_process(tiny_tokenizer, cli_env, tmp_path):
+    """Held-out generation is dealt out batch by batch; greedy and sampled replies match one process."""
+    import torch
+
+    from tests.fixtures.generate_across_processes import answers, tiny_model
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    launcher = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
+                             str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"),
+                             str(REPO / "tests" / "fixtures" / "generate_across_processes.py"),
+                             str(tmp_path / "tok"), str(tmp_path / "two.json")],
+                            capture_output=True, text=True, env={**cli_env, "PIPELINE_CPU_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    threads = torch.get_num_threads()
+    try:
+        one = answers(tiny_model(len(tiny_tokenizer)), tiny_tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["processes"] == 2
+    assert len(two["greedy"]) == len(two["sampled"]) == 9
+    assert two["greedy"] == one["greedy"] and two["sampled"] == one["sampled"]
+    assert two["sampled"] != two["greedy"]  # sampling really sampled

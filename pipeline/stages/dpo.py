@@ -148,11 +148,13 @@ def preference_scores(model, rows: list[dict], beta: float, pad_id: int, with_re
     return out
 
 
-def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], max_new_tokens: int, seed: int) -> float:
+def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], max_new_tokens: int, seed: int,
+                      accelerator=None) -> float:
     """Mean sequence KL(policy || SFT) over replies sampled from the policy."""
     if not prompts:
         return float("nan")
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=seed)
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=seed,
+                               accelerator=accelerator)
     pairs = []
     for prompt, reply in zip(prompts, replies):
         ids = renderer.prompt_ids(prompt)
@@ -174,12 +176,14 @@ class _Reference(torch.nn.Module):
             return self.model(**kwargs)
 
 
-def answer_scores(model, tokenizer, records, cfg: DpoConfig, seed: int) -> dict:
+def answer_scores(model, tokenizer, records, cfg: DpoConfig, seed: int, accelerator=None) -> dict:
+    """Greedy and sampled answers to held-out questions, split across the processes."""
     if not records:
         return {}
-    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed)
+    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed,
+                               accelerator=accelerator)
     sampled = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens,
-                               do_sample=True, seed=seed)
+                               do_sample=True, seed=seed, accelerator=accelerator)
     scores = score_answers(records, replies)
     scores["habit_rate_sampled"] = score_answers(records, sampled)["habit_rate"]
     scores["examples"] = [{"prompt": p[-1]["content"], "reply": r} for p, r in
@@ -261,7 +265,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
-              "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
+              "answers": answer_scores(policy, tokenizer, answers, cfg, seed, accelerator)}
     last = resume_checkpoint(ctx)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
@@ -272,12 +276,13 @@ def run(cfg: DpoConfig, ctx) -> dict:
         raise StageFailed("dpo: the processes ended with different adapter weights (gradients were not synchronised)")
 
     after = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
-             "answers": answer_scores(policy, tokenizer, answers, cfg, seed)}
+             "answers": answer_scores(policy, tokenizer, answers, cfg, seed, accelerator)}
     # a fingerprint of the final in-memory policy, so a rebuild from the saved folders can be checked
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in train_set.select(range(4))],
                              pad_id).tolist()
     kl_prompts = [p["prompt"] for p in eval_pairs] or prompts_of(answers)
-    kl = kl_from_reference(policy, tokenizer, renderer, kl_prompts[: cfg.eval_limit], cfg.max_new_tokens, seed)
+    kl = kl_from_reference(policy, tokenizer, renderer, kl_prompts[: cfg.eval_limit], cfg.max_new_tokens, seed,
+                           accelerator)
     _report(ctx, before, after, kl)
 
     if ctx.is_main:

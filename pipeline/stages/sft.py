@@ -143,10 +143,12 @@ def attach_lora(model, cfg: SftConfig):
 # ---------------------------------------------------------------- evaluation
 
 
-def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int) -> dict:
+def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int, accelerator=None) -> dict:
+    """Greedy answers to held-out questions, split across the processes, and their scores."""
     if not records:
         return {}
-    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed)
+    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed,
+                               accelerator=accelerator)
     return {**score_answers(records, replies), "examples": [
         {"prompt": prompts_of([r])[0][-1]["content"], "reply": reply, "answer": r.get("answer")}
         for r, reply in list(zip(records, replies))[:5]
@@ -178,7 +180,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     ctx.log(f"{len(train_set):,} conversations ({data['trained_tokens']:,} trained tokens); dropped "
             f"{report['dropped'] or 'none'}; duplicates {report['duplicates']} ({cfg.duplicates}); length policy {counts}")
 
-    before = heldout_scores(model, tokenizer, eval_records, cfg, seed)
+    before = heldout_scores(model, tokenizer, eval_records, cfg, seed, accelerator)
     if before:
         ctx.log(f"held-out before sft: accuracy {before['answer_accuracy']:.3f}, habit {before['habit_rate']:.3f}")
 
@@ -212,7 +214,7 @@ def run(cfg: SftConfig, ctx) -> dict:
         raise StageFailed("sft: the processes ended with different adapter weights (gradients were not synchronised)")
 
     # evaluate and save
-    after = heldout_scores(model, tokenizer, eval_records, cfg, seed)
+    after = heldout_scores(model, tokenizer, eval_records, cfg, seed, accelerator)
     if after:
         ctx.log(f"held-out after sft: accuracy {after['answer_accuracy']:.3f}, habit {after['habit_rate']:.3f}")
     if ctx.is_main:
