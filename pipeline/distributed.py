@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.errors import StageFailed
+
 
 @torch.no_grad()
 def ranks_agree(model, accelerator, trainable_only: bool = False) -> bool:
@@ -13,3 +15,11 @@ def ranks_agree(model, accelerator, trainable_only: bool = False) -> bool:
     summary = torch.stack([flat.sum(), (flat * flat).sum()]).to(accelerator.device)
     gathered = accelerator.gather(summary[None]).view(-1, 2)
     return bool((gathered == gathered[0]).all())
+
+
+def require_ranks_agree(stage: str, model, accelerator, trainable_only: bool = False) -> bool:
+    """ranks_agree, or the stage fails loudly: diverged processes would save one rank's weights."""
+    if not ranks_agree(model, accelerator, trainable_only):
+        kind = "adapter weights" if trainable_only else "weights"
+        raise StageFailed(f"{stage}: the processes ended with different {kind} (gradients were not synchronised)")
+    return True

@@ -63,14 +63,12 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
-    if world == 1:
-        return [reply for i in range(len(batches)) for reply in mine[i]]
-    from accelerate.utils import gather_object
+    if world > 1:
+        from accelerate.utils import gather_object
 
-    everyone: dict[int, list[str]] = {}
-    for part in gather_object([mine]):
-        everyone.update(part)
-    return [reply for i in range(len(batches)) for reply in everyone[i]]
+        for part in gather_object([mine]):
+            mine.update(part)
+    return [reply for i in range(len(batches)) for reply in mine[i]]
 
 
 # held-out record fields the readers keep for scoring: the expected answer, and what it is about

@@ -22,7 +22,7 @@ from pipeline.artifacts import append_jsonl, atomic_write_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
-from pipeline.distributed import ranks_agree
+from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
@@ -271,9 +271,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
     train_s = setup_s + time.perf_counter() - started
     policy = trainer.model
-    in_sync = ranks_agree(policy, accelerator, trainable_only=True)
-    if not in_sync:
-        raise StageFailed("dpo: the processes ended with different adapter weights (gradients were not synchronised)")
+    in_sync = require_ranks_agree("dpo", policy, accelerator, trainable_only=True)
 
     after = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
              "answers": answer_scores(policy, tokenizer, answers, cfg, seed, accelerator)}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json, truncate_log
 from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
 from pipeline.data.readers import read_records
-from pipeline.distributed import ranks_agree
+from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.models import autocast_dtype, build_model, count_parameters
 from pipeline.ngram import baseline_perplexities
@@ -296,9 +296,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     if eval_loss is None:  # resumed at the very end
         eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
 
-    in_sync = ranks_agree(raw_model, accelerator)
-    if not in_sync:
-        raise StageFailed("pretrain: the processes ended with different weights (gradients were not synchronised)")
+    in_sync = require_ranks_agree("pretrain", raw_model, accelerator)
 
     # save
     if ctx.is_main:

@@ -18,8 +18,8 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
-from pipeline.distributed import ranks_agree
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.distributed import require_ranks_agree
+from pipeline.errors import PipelineError
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, load_base_model, lora_config
 from pipeline.recipe import SftConfig
@@ -209,9 +209,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     result = trainer.train(resume_from_checkpoint=last)
     train_s = time.perf_counter() - started
     model = trainer.model
-    in_sync = ranks_agree(model, accelerator, trainable_only=True)
-    if not in_sync:
-        raise StageFailed("sft: the processes ended with different adapter weights (gradients were not synchronised)")
+    in_sync = require_ranks_agree("sft", model, accelerator, trainable_only=True)
 
     # evaluate and save
     after = heldout_scores(model, tokenizer, eval_records, cfg, seed, accelerator)
