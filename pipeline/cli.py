@@ -241,11 +241,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except StageFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_once(f"error: {exc}")
         return 1
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_once(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        _say_once("interrupted; rerun the same command to resume from the newest checkpoint")
         return 130
+    finally:
+        if "torch" in sys.modules:  # only a verb that imported torch can have started a process group
+            from pipeline.distributed import leave_process_group
+
+            leave_process_group()
+
+
+def _say_once(message: str) -> None:
+    """A user-facing error, printed by the main process only: under `accelerate launch` every rank
+    meets the same bad recipe or data at the same point, and N copies of one line hide it."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)

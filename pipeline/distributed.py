@@ -17,6 +17,17 @@ def ranks_agree(model, accelerator, trainable_only: bool = False) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, if one was started, before the interpreter exits.
+
+    Without it gloo's worker thread can still be freeing a collective's work object while Python
+    finalizes; it then needs the GIL and the process aborts ("terminate called without an active
+    exception", SIGABRT) after the work is done. Every entry point calls this on every exit path.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def require_ranks_agree(stage: str, model, accelerator, trainable_only: bool = False) -> bool:
     """ranks_agree, or the stage fails loudly: diverged processes would save one rank's weights."""
     if not ranks_agree(model, accelerator, trainable_only):
