@@ -57,8 +57,16 @@ def _cmd_check(args) -> int:
         print("\n".join(describe(Recipe)))
     recipe = load_recipe(args.recipe, args.overrides)
     check_data_files(recipe, args.recipe)
+    try:
+        splits = {n: recipe.batch_splits(n) for n in args.processes}
+    except PipelineError as exc:
+        raise PipelineError(f"{args.recipe}: {exc}") from None
     print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages) or '(base model only)'}; "
           f"outputs in {recipe.run_dir}")
+    for processes, by_stage in splits.items():
+        for stage, split in by_stage.items():
+            unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs"}.get(stage, "examples")
+            print(f"  {stage}: {split.describe(unit)}")
     return 0
 
 
@@ -143,6 +151,12 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -170,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe", help="path to a recipe YAML file")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
     check.add_argument("--explain", action="store_true", help="print every recipe key with its default and doc")
+    check.add_argument("--processes", type=_positive_int, nargs="+", default=[1], metavar="N",
+                       help="check that every stage's global batch splits over N processes and print the split "
+                       "(default 1; e.g. --processes 1 2 8)")
     check.set_defaults(func=_cmd_check)
 
     chat = verbs.add_parser("chat", help="talk to a stage's model (reads standard input, so it can be piped)",

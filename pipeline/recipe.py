@@ -18,12 +18,43 @@ from pipeline.errors import PipelineError
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
 
 
-def check_batch_split(prefix: str, global_batch: int, micro_batch: int) -> None:
-    """The global batch must be whole micro-batches (processes are checked when the stage starts)."""
-    if global_batch % micro_batch:
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step's global batch is cut: processes x micro-batch x accumulation."""
+
+    global_batch: int
+    processes: int
+    micro_batch: int
+    accumulation: int
+
+    def describe(self, unit: str) -> str:
+        return (f"{self.global_batch} {unit} per step = {self.processes} process(es) x {self.micro_batch} x "
+                f"{self.accumulation} accumulation")
+
+
+def split_batch(prefix: str, global_batch: int, micro_ceiling: int, processes: int) -> BatchSplit:
+    """The largest micro-batch of at most `micro_ceiling` that splits the global batch evenly.
+
+    micro_batch_size is a memory ceiling, not a promise: the recipe fixes the global batch (what
+    the optimizer sees), and the same recipe must run on 1, 2 or 8 processes. Only a global batch
+    that does not divide by the number of processes has no split.
+    """
+    if global_batch % processes:
+        fits = [n for n in (global_batch - global_batch % processes, global_batch + processes - global_batch % processes) if n]
         raise PipelineError(
-            f"{prefix}.global_batch_size ({global_batch}) must be a multiple of micro_batch_size ({micro_batch})"
+            f"{prefix}.global_batch_size ({global_batch}) cannot be split evenly over {processes} processes; "
+            f"use a multiple of {processes} (e.g. {' or '.join(map(str, fits))})"
         )
+    per_process = global_batch // processes
+    micro = max(d for d in range(1, min(micro_ceiling, per_process) + 1) if per_process % d == 0)
+    return BatchSplit(global_batch, processes, micro, per_process // micro)
+
+
+def ceiling_note(split: BatchSplit, micro_ceiling: int) -> str:
+    """Said when the derived micro-batch is smaller than the recipe's ceiling, so nobody is surprised."""
+    if split.micro_batch == micro_ceiling:
+        return ""
+    return f" (micro_batch_size {micro_ceiling} is a ceiling; {split.micro_batch} is the largest that splits the batch)"
 
 
 # ---------------------------------------------------------------- model sources
@@ -101,7 +132,8 @@ class PretrainConfig:
     model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
     seq_len: int = option(256, "tokens per packed block")
     global_batch_size: int = option(16, "blocks per optimizer step, summed over all processes")
-    micro_batch_size: int = option(16, "blocks per forward pass on one process; accumulation is derived")
+    micro_batch_size: int = option(16, "most blocks per forward pass on one process (a memory ceiling): the largest "
+                                       "micro-batch up to it that splits the global batch is used, accumulation derived")
     max_steps: int = option(600, "optimizer steps")
     learning_rate: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)")
@@ -122,7 +154,6 @@ class PretrainConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one text file")
-        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
         if self.seq_len > self.model.max_position_embeddings:
             raise PipelineError(
                 f"{prefix}.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
@@ -165,7 +196,8 @@ class SftConfig:
     epochs: float = option(5.0, "passes over the training conversations (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 = use epochs")
     global_batch_size: int = option(16, "conversations per optimizer step, summed over processes")
-    micro_batch_size: int = option(2, "conversations per forward pass on one process; accumulation is derived "
+    micro_batch_size: int = option(2, "most conversations per forward pass on one process (a ceiling; the split "
+                                      "is derived from the global batch and the processes) "
                                       "(small micro-batches bound peak memory at little cost in speed: "
                                       "python -m pipeline.bench)")
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
@@ -181,7 +213,6 @@ class SftConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one conversation file")
-        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass
@@ -205,7 +236,8 @@ class DpoConfig:
     epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 = use epochs")
     global_batch_size: int = option(16, "pairs per optimizer step, summed over processes")
-    micro_batch_size: int = option(8, "pairs per forward pass on one process; accumulation is derived")
+    micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
+                                      "from the global batch and the processes)")
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
     learning_rate: float = option(2e-4, "peak learning rate")
     warmup_ratio: float = option(0.1, "share of steps with linear warmup")
@@ -221,7 +253,6 @@ class DpoConfig:
             raise PipelineError(f"{prefix}.train_data: list at least one preference file")
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise PipelineError(f"{prefix}.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
-        check_batch_split(prefix, self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass
@@ -273,6 +304,15 @@ class Recipe:
     def stages(self) -> list[str]:
         """The stages this recipe runs, in pipeline order."""
         return [s for s in STAGE_ORDER if getattr(self, s, None) is not None]
+
+    def batch_splits(self, processes: int) -> dict[str, BatchSplit]:
+        """Each training stage's batch split on this many processes; a PipelineError where none exists."""
+        splits = {}
+        for stage in self.stages:
+            cfg = getattr(self, stage)
+            if hasattr(cfg, "global_batch_size"):
+                splits[stage] = split_batch(stage, cfg.global_batch_size, cfg.micro_batch_size, processes)
+        return splits
 
     @property
     def run_dir(self) -> Path:

@@ -142,6 +142,7 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     check_data_files(recipe)
     enable_cpu_data_parallel()
     accelerator = Accelerator()
+    recipe.batch_splits(accelerator.num_processes)  # refuse an impossible split before anything is written
     threads = use_cpu_cores(accelerator)
     run_dir = recipe.run_dir
     if accelerator.is_main_process:

@@ -1,5 +1,5 @@
-"""What the two TRL stages (sft, dpo) derive from a recipe the same way: batch split, trainer
-arguments, metrics logging and the checkpoint to resume from."""
+"""What the two TRL stages (sft, dpo) derive from a recipe the same way: trainer arguments,
+metrics logging and the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -9,19 +9,11 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.artifacts import append_jsonl, last_complete_trainer_checkpoint, truncate_log
-from pipeline.errors import PipelineError
 from pipeline.models import resolve_dtype
+from pipeline.recipe import BatchSplit
 
 
-def gradient_accumulation(stage: str, cfg, world: int) -> int:
-    """Accumulation steps that keep the recipe's global batch on any number of processes."""
-    if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise PipelineError(f"{stage}.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} "
-                            f"process(es) x micro_batch_size ({cfg.micro_batch_size})")
-    return cfg.global_batch_size // (cfg.micro_batch_size * world)
-
-
-def common_trainer_kwargs(cfg, ctx, accumulation: int, base_dtype: str = "auto") -> dict:
+def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto") -> dict:
     """Arguments shared by SFTConfig and DPOConfig. Precision is explicit: TRL's defaults
     (bf16 and gradient checkpointing) raise on a machine without a GPU."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,8 +23,8 @@ def common_trainer_kwargs(cfg, ctx, accumulation: int, base_dtype: str = "auto")
         bf16 = cfg.precision == "bf16"
     return dict(
         output_dir=str(ctx.out_dir / "checkpoints"),
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=split.micro_batch,
+        gradient_accumulation_steps=split.accumulation,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,

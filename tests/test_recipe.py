@@ -40,7 +40,6 @@ def test_overrides_take_precedence_and_are_typed(write_recipe):
         ("pretrain.modle.hidden_size=5", "unknown key `pretrain.modle` (did you mean `model`?)"),
         ("pretrain.max_steps=abc", "pretrain.max_steps: expected int, got 'abc'"),
         ("pretrain.precision=bf61", "pretrain.precision: expected one of"),
-        ("pretrain.micro_batch_size=3", "must be a multiple of micro_batch_size"),
         ("pretrain.seq_len=4096", "exceeds model.max_position_embeddings"),
     ],
 )
@@ -103,3 +102,49 @@ def test_overrides_may_follow_options(write_recipe, cli_env):
     assert result.returncode == 2 and "did you mean `max_steps`?" in result.stderr
     result = _cli(["check", str(write_recipe()), "--nonsense"], cli_env)
     assert result.returncode == 2 and "unrecognized arguments: --nonsense" in result.stderr
+
+
+@pytest.mark.parametrize("global_batch, ceiling, processes, micro, accumulation", [
+    (16, 16, 1, 16, 1),
+    (16, 16, 2, 8, 1),   # the quickstart under multi_cpu_2.yaml: the ceiling no longer fits, 8 does
+    (16, 3, 1, 2, 8),    # 3 does not divide 16: the largest micro-batch up to 3 that does
+    (64, 8, 8, 8, 1),
+    (12, 5, 2, 3, 2),
+    (7, 4, 1, 1, 7),
+])
+def test_micro_batch_size_is_a_ceiling(global_batch, ceiling, processes, micro, accumulation):
+    from pipeline.recipe import split_batch
+
+    split = split_batch("sft", global_batch, ceiling, processes)
+    assert (split.micro_batch, split.accumulation) == (micro, accumulation)
+    assert split.processes * split.micro_batch * split.accumulation == global_batch
+
+
+def test_a_global_batch_that_no_process_count_divides_is_refused_with_a_fix():
+    from pipeline.recipe import split_batch
+
+    with pytest.raises(PipelineError, match=r"pretrain.global_batch_size \(16\) cannot be split evenly over 3 "
+                                            r"processes; use a multiple of 3 \(e.g. 15 or 18\)"):
+        split_batch("pretrain", 16, 16, 3)
+
+
+def test_check_processes_prints_every_split_and_refuses_an_impossible_one(capsys, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["check", "recipes/quickstart.yaml", "--processes", "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrain: 16 blocks per step = 2 process(es) x 8 x 1 accumulation" in out
+    assert "dpo: 16 pairs per step = 1 process(es) x 8 x 2 accumulation" in out
+    assert main(["check", "recipes/quickstart.yaml", "--processes", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: recipes/quickstart.yaml: pretrain.global_batch_size")
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_every_shipped_recipe_checks_on_one_and_two_processes(recipe, processes, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["check", recipe, "--processes", processes]) == 0, capsys.readouterr().err

@@ -27,11 +27,10 @@ from pipeline.errors import PipelineError, StageFailed
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
 from pipeline.models import count_parameters, lora_config
-from pipeline.recipe import DpoConfig
+from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     SameBatchesOnAnyTopology,
     common_trainer_kwargs,
-    gradient_accumulation,
     resume_checkpoint,
 )
 
@@ -221,7 +220,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     world = accelerator.num_processes
-    accumulation = gradient_accumulation("dpo", cfg, world)
+    split = split_batch("dpo", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
     model, tokenizer, base_source, sft_dir = load_sft_policy(ctx)
@@ -240,7 +239,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     started = time.perf_counter()  # trainer set-up counts: precomputed reference log-probs happen there
     args = TrlDPOConfig(
-        **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
+        **common_trainer_kwargs(cfg, ctx, split, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         beta=cfg.beta,
         loss_type=list(cfg.loss_type),
         loss_weights=list(cfg.loss_weights) or None,
@@ -260,8 +259,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(policy)
     ctx.log(f"fresh LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
-            f"beta {cfg.beta}, loss {cfg.loss_type}; {cfg.global_batch_size} pairs per step = {world} process(es) x "
-            f"{cfg.micro_batch_size} x {accumulation} accumulation")
+            f"beta {cfg.beta}, loss {cfg.loss_type}; {split.describe('pairs')}{ceiling_note(split, cfg.micro_batch_size)}")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = {"preference": preference_scores(policy, eval_rows, cfg.beta, pad_id),
@@ -307,7 +305,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
         "beta": cfg.beta,
         "loss_type": list(cfg.loss_type),
         "trainable_parameters": trainable,
-        "gradient_accumulation": accumulation,
+        "gradient_accumulation": split.accumulation,
+        "micro_batch": split.micro_batch,
         "world_size": world,
         "ranks_in_sync": in_sync,
         "before": before,

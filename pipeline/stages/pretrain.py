@@ -24,7 +24,7 @@ from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.models import autocast_dtype, build_model, count_parameters
 from pipeline.ngram import baseline_perplexities
-from pipeline.recipe import PretrainConfig
+from pipeline.recipe import PretrainConfig, ceiling_note, split_batch
 
 # ---------------------------------------------------------------- data
 
@@ -197,13 +197,8 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     # data
     train, heldout = prepare_blocks(cfg, tokenizer, tokenizer_dir, ctx.out_dir / "cache", seed, accelerator)
     world = accelerator.num_processes
-    per_process = cfg.global_batch_size // world
-    if cfg.global_batch_size % world or per_process % cfg.micro_batch_size:
-        raise PipelineError(
-            f"pretrain.global_batch_size ({cfg.global_batch_size}) must split evenly into {world} processes "
-            f"x micro_batch_size ({cfg.micro_batch_size})"
-        )
-    accumulation = per_process // cfg.micro_batch_size
+    split = split_batch("pretrain", cfg.global_batch_size, cfg.micro_batch_size, world)
+    per_process, micro_batch, accumulation = cfg.global_batch_size // world, split.micro_batch, split.accumulation
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     baselines = baseline_perplexities(train, heldout, len(tokenizer))
 
@@ -216,8 +211,8 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         f"{cfg.seq_len} tokens ({len(train) * cfg.seq_len:,} tokens), {len(heldout):,} held-out blocks"
     )
     ctx.log(
-        f"{tokens_per_step:,} tokens per step = {world} process(es) x {cfg.micro_batch_size} blocks x "
-        f"{accumulation} accumulation x {cfg.seq_len}; {cfg.max_steps} steps = "
+        f"{tokens_per_step:,} tokens per step = {world} process(es) x {micro_batch} blocks x "
+        f"{accumulation} accumulation x {cfg.seq_len}{ceiling_note(split, cfg.micro_batch_size)}; {cfg.max_steps} steps = "
         f"{cfg.max_steps * tokens_per_step / (len(train) * cfg.seq_len):.1f} epochs; "
         f"precision {'fp32' if dtype is None else str(dtype).removeprefix('torch.') + ' autocast'}"
     )
@@ -256,7 +251,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         mine = rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for micro in range(accumulation):
-            chunk = mine[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size]
+            chunk = mine[micro * micro_batch : (micro + 1) * micro_batch]
             sync = micro == accumulation - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss_sum, _ = summed_loss(model, train, chunk, dtype)
@@ -285,7 +280,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
             _log(ctx, writer, metrics_path, record)
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
+            eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, micro_batch, dtype, accelerator)
             _log(ctx, writer, metrics_path, {"step": done, "eval_loss": round(eval_loss, 5),
                                               "eval_perplexity": round(math.exp(eval_loss), 4)})
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
@@ -294,7 +289,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
             accelerator.wait_for_everyone()
     progress.close()
     if eval_loss is None:  # resumed at the very end
-        eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, cfg.micro_batch_size, dtype, accelerator)
+        eval_loss = evaluate(raw_model, heldout, cfg.eval_max_blocks, micro_batch, dtype, accelerator)
 
     in_sync = require_ranks_agree("pretrain", raw_model, accelerator)
 
@@ -323,6 +318,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         "steps": cfg.max_steps,
         "tokens_per_step": tokens_per_step,
         "gradient_accumulation": accumulation,
+        "micro_batch": micro_batch,
         "world_size": world,
         "ranks_in_sync": in_sync,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),

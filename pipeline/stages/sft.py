@@ -22,12 +22,11 @@ from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, load_base_model, lora_config
-from pipeline.recipe import SftConfig
+from pipeline.recipe import SftConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     MetricsLog,
     SameBatchesOnAnyTopology,
     common_trainer_kwargs,
-    gradient_accumulation,
     resume_checkpoint,
 )
 
@@ -167,7 +166,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = accelerator.num_processes
-    accumulation = gradient_accumulation("sft", cfg, world)
+    split = split_batch("sft", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
     model, tokenizer, base_source = load_model_and_tokenizer(ctx, cfg, device_type)
@@ -187,13 +186,13 @@ def run(cfg: SftConfig, ctx) -> dict:
     model = attach_lora(model, cfg)
     trainable, total = count_parameters(model)
     ctx.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} trainable of "
-            f"{total:,} parameters ({100 * trainable / total:.2f}%); {cfg.global_batch_size} conversations per step = "
-            f"{world} process(es) x {cfg.micro_batch_size} x {accumulation} accumulation")
+            f"{total:,} parameters ({100 * trainable / total:.2f}%); {split.describe('conversations')}"
+            f"{ceiling_note(split, cfg.micro_batch_size)}")
 
     # train
     started = time.perf_counter()
     args = SFTConfig(
-        **common_trainer_kwargs(cfg, ctx, accumulation, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
+        **common_trainer_kwargs(cfg, ctx, split, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         weight_decay=cfg.weight_decay,
         max_length=None,  # lengths are already handled by our policy above
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -231,7 +230,8 @@ def run(cfg: SftConfig, ctx) -> dict:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_share": trainable / total,
-        "gradient_accumulation": accumulation,
+        "gradient_accumulation": split.accumulation,
+        "micro_batch": split.micro_batch,
         "world_size": world,
         "ranks_in_sync": in_sync,
         "heldout_before": before,
