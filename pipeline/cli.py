@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.errors import Interrupted, PipelineError, StageFailed
 
 EXAMPLES = """examples:
   accelerate launch -m pipeline run recipes/quickstart.yaml      all stages, resumable
@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
 
     quiet_known_noise()
     recipe = load_recipe(args.recipe, args.overrides)
-    records = run_recipe(recipe, only=args.only, from_stage=args.from_stage)
+    records = run_recipe(recipe, only=args.only, from_stage=args.from_stage, force=args.force)
     _print_summary(recipe, records)
     return 0
 
@@ -80,33 +80,53 @@ def _cmd_data_generate(args) -> int:
 
 
 def _cmd_data_check(args) -> int:
-    from pipeline.data.readers import describe, read_records
+    from pipeline.data.readers import describe, missing_path_hint, path_kind, read_records
 
+    tokenizer = args.tokenizer if args.kind != "text" else None
+    if tokenizer:  # a wrong --tokenizer is refused before a large file is read
+        hint = missing_path_hint(tokenizer)
+        if hint is not None:
+            raise PipelineError(f"--tokenizer {tokenizer}: no such tokenizer folder{hint}")
+        if path_kind(tokenizer) not in (None, "dir"):  # None here: a hub model id
+            raise PipelineError(f"--tokenizer {tokenizer}: not a folder; give the tokenizer's folder "
+                                "(e.g. runs/x/tokenizer) or a hub model id")
     result = read_records(args.file, args.kind, args.format, on_bad=args.on_bad)
     print(describe(result))
-    if args.kind != "text" and args.tokenizer:
-        print("\nfirst record as the model sees it; [[...]] is what the loss trains on:")
-        print(render_marked(result.records[0], args.kind, args.tokenizer))
+    if tokenizer:
+        marked = render_marked(result.records[0], args.kind, tokenizer)
+        print("\nfirst record as the model sees it; [[...]] is what the loss trains on, and ⟨...⟩ is one "
+              "control token (text typed to look like one, e.g. <|end|> in a message, is shown bare: it stays text):")
+        print(marked)
     elif args.kind != "text":
         print("\n(pass --tokenizer DIR, e.g. runs/quickstart/tokenizer, to see the tokens the loss covers)")
     return 0
 
 
 def render_marked(record: dict, kind: str, tokenizer_dir: str) -> str:
-    """The rendered conversation with trained spans wrapped in [[ ]], token by token."""
+    """The rendered conversation with trained spans wrapped in [[ ]], token by token, and each control token
+    (a special token of the tokenizer) in ⟨ ⟩, so a typed "<|end|>" (characters) and the real one differ."""
     from transformers import AutoTokenizer
 
     from pipeline.chat_template import ChatRenderer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # OSError, ValueError, ... from a folder that holds no tokenizer
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise PipelineError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer: {type(exc).__name__}: {first}") from None
     messages = record["messages"] if kind == "conversation" else record["prompt"] + record["chosen"]
     rendered = ChatRenderer(tokenizer).render(messages)
+    control = set(tokenizer.all_special_ids)
+    control |= {i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)}
     out, inside = [], False
     for token, trained in zip(rendered.input_ids, rendered.assistant_mask):
         if trained != inside:
             out.append("[[" if trained else "]]")
             inside = bool(trained)
-        out.append(tokenizer.decode([token]))
+        if token in control:
+            out.append(f"⟨{tokenizer.convert_ids_to_tokens(token)}⟩")
+        else:
+            out.append(tokenizer.decode([token]))
     return "".join(out) + ("]]" if inside else "")
 
 
@@ -176,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = run.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE", help="run just this stage (rerun even if done); earlier stages must be done")
     group.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every stage after it")
+    run.add_argument("--force", action="store_true",
+                     help="let this recipe take over a run folder that another recipe file made (same name)")
     run.set_defaults(func=_cmd_run)
 
     check = verbs.add_parser("check", help="validate a recipe and its data files without training",
@@ -266,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say_once("interrupted; rerun the same command to resume from the newest checkpoint")
         return 130
+    except Interrupted as exc:
+        _say_once(f"{exc}; rerun the same command to resume from the newest checkpoint")
+        return 143
     finally:
         if "torch" in sys.modules:  # only a verb that imported torch can have started a process group
             from pipeline.distributed import leave_process_group
@@ -275,8 +300,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say_once(message: str) -> None:
     """A user-facing error, printed by the main process only: under `accelerate launch` every rank
-    meets the same bad recipe or data at the same point, and N copies of one line hide it."""
+    meets the same bad recipe or data at the same point, and N copies of one line hide it.
+
+    Under the launcher each rank also writes it to TORCHELASTIC_ERROR_FILE, so the launcher's
+    "Root Cause" block repeats our line instead of "To enable traceback see ...". (The launcher's
+    own Python traceback above that block is printed by its process, out of our reach.)
+    """
+    import json
     import os
+    import time
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        try:
+            with open(error_file, "w") as handle:
+                json.dump({"message": {"message": message, "extraInfo": info}}, handle)
+        except OSError:
+            pass  # the launcher then says "<N/A>"; the line above was printed all the same

@@ -2,12 +2,24 @@
 
 Unknown keys and values of the wrong type are user errors that name the dotted key and
 suggest the nearest valid name, the way TRL's and nanoGPT's parsers refuse them.
+
+Each field may also declare its valid values beside its doc, and `build` enforces them before
+the dataclass's own `validate` (cross-field checks) runs:
+
+    option(16, "blocks per step", min=1)                      # an integer >= 1
+    option(1e-3, "peak learning rate", min_exclusive=0)       # a float > 0 (and finite: NaN and inf are refused)
+    option(0.0, "dropout", min=0, max_exclusive=1)            # 0 <= x < 1
+    option("cosine", "scheduler", choices=lambda: NAMES)      # one of a list (computed when first needed)
+
+On a list field the bounds and choices apply to every item. Errors are one line naming the
+dotted key and the allowed range.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -17,13 +29,89 @@ import yaml
 from pipeline.errors import PipelineError
 
 
-def option(default: Any, doc: str, **kwargs):
-    """A dataclass field with its one-line doc kept beside it (shown by `pipeline check --explain`)."""
+def option(default: Any, doc: str, *, min=None, max=None, min_exclusive=None, max_exclusive=None,
+           finite: bool = True, choices=None, refused: dict | None = None, why: str = "", **kwargs):
+    """A dataclass field with its one-line doc and its valid values kept beside it.
+
+    min / max: inclusive bounds; min_exclusive / max_exclusive: strict bounds. finite=False lets a float
+    field hold NaN or inf (none does). choices: the allowed strings, or a function returning them (called
+    only when a value is checked, so a library's list costs nothing until then). refused: choices that
+    exist but cannot be used here, each with the reason. why: said after a range error.
+    The doc, range and choices are shown by `pipeline check --explain`.
+    """
+    metadata = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "max_exclusive": max_exclusive,
+                "finite": finite, "choices": choices, "refused": refused or {}, "why": why}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return dataclasses.field(default_factory=default, metadata={"doc": doc}, **kwargs)
-    return dataclasses.field(default=default, metadata={"doc": doc}, **kwargs)
+        return dataclasses.field(default_factory=default, metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _number(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(metadata) -> str:
+    """The declared bounds as text: '>= 1', '> 0', 'in [0, 1)', or '' when there are none."""
+    low, high = metadata.get("min"), metadata.get("max")
+    low_x, high_x = metadata.get("min_exclusive"), metadata.get("max_exclusive")
+    lower = (("(", low_x) if low_x is not None else ("[", low)) if (low_x is not None or low is not None) else None
+    upper = ((")", high_x) if high_x is not None else ("]", high)) if (high_x is not None or high is not None) else None
+    if lower and upper:
+        return f"in {lower[0]}{_number(lower[1])}, {_number(upper[1])}{upper[0]}"
+    if lower:
+        return f"{'>' if lower[0] == '(' else '>='} {_number(lower[1])}"
+    if upper:
+        return f"{'<' if upper[0] == ')' else '<='} {_number(upper[1])}"
+    return ""
+
+
+def choices_of(metadata) -> tuple:
+    """The declared choices (the callable, if one was given, is called now), or ()."""
+    choices = metadata.get("choices")
+    if choices is None:
+        return ()
+    return tuple(choices() if callable(choices) else choices)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so an error about it stays on one line."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def check_value(value: Any, metadata, key: str) -> None:
+    """Refuse `value` (already of the field's type) when it is outside the field's declared range or choices."""
+    if value is None or not metadata:
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_value(item, metadata, f"{key}[{i}]")
+        return
+    if isinstance(value, str):
+        choices = choices_of(metadata)
+        if choices and value not in choices:
+            raise PipelineError(f"{key}: unknown value {value!r} (choose from {', '.join(choices)})"
+                                f"{closest(value, choices)}")
+        refused = metadata.get("refused") or {}
+        if value in refused:
+            usable = ", ".join(c for c in choices if c not in refused)
+            raise PipelineError(f"{key}: {value!r} cannot be used here: {refused[value]} (usable: {usable})")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    bounds = range_text(metadata)
+    why = f" ({metadata['why']})" if metadata.get("why") else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        if metadata.get("finite", True):
+            raise PipelineError(f"{key}: must be a finite number{f' {bounds}' if bounds else ''}, got {value}{why}")
+        return
+    low, high = metadata.get("min"), metadata.get("max")
+    low_x, high_x = metadata.get("min_exclusive"), metadata.get("max_exclusive")
+    if ((low is not None and value < low) or (high is not None and value > high)
+            or (low_x is not None and value <= low_x) or (high_x is not None and value >= high_x)):
+        raise PipelineError(f"{key}: must be {bounds}, got {_number(value)}{why}")
 
 
 def closest(name: str, candidates) -> str:
@@ -79,7 +167,11 @@ def _convert(value: Any, tp, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            digits = len(str(abs(value)))
+            raise PipelineError(f"{key}: must be a finite number, got an integer of {digits} digits") from None
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads `3e-4` (no dot) as a string; every user means the number
             return float(value)
@@ -105,8 +197,9 @@ def build(cls, data: Any, prefix: str = ""):
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise PipelineError(f"unknown key `{dotted}`{closest(str(key), fields)}")
+            raise PipelineError(f"unknown key `{printable(dotted)}`{closest(str(key), fields)}")
         kwargs[key] = _convert(value, hints[key], dotted)
+        check_value(kwargs[key], fields[key].metadata, dotted)
     missing = [
         name for name, f in fields.items()
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -123,19 +216,22 @@ def build(cls, data: Any, prefix: str = ""):
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML (so 3 is an int)."""
     if "=" not in assignment:
-        raise PipelineError(f"override `{assignment}` is not of the form key=value (e.g. pretrain.max_steps=50)")
+        raise PipelineError(f"override `{printable(assignment)}` is not of the form key=value "
+                            "(e.g. pretrain.max_steps=50)")
     dotted, raw = assignment.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError):
+        value = raw  # not YAML (or nested or sized beyond reason): the text itself, which the type check judges
     node = data
     parts = dotted.strip().split(".")
+    if not all(parts):
+        raise PipelineError(f"override `{printable(assignment)}`: the key must be dotted names, e.g. sft.epochs")
     for part in parts[:-1]:
         if node.get(part) is None:
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise PipelineError(f"override `{assignment}`: `{part}` is not a section")
+            raise PipelineError(f"override `{printable(assignment)}`: `{printable(part)}` is not a section")
         node = node[part]
     node[parts[-1]] = value
 
@@ -155,7 +251,11 @@ def describe(cls, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )
-        lines.append(f"{key}: {default!r}  # {doc}")
+        allowed = range_text(f.metadata).removeprefix("in ")
+        allowed = f"; valid: {allowed}" if allowed else ""
+        if choices_of(f.metadata):
+            allowed = "; one of: " + ", ".join(c for c in choices_of(f.metadata) if c not in f.metadata["refused"])
+        lines.append(f"{key}: {default!r}  # {doc}{allowed}")
     return lines
 
 

@@ -12,10 +12,69 @@ from typing import Literal, Optional
 
 import yaml
 
-from pipeline.config_schema import apply_override, build, closest, option
+from pipeline.config_schema import apply_override, build, closest, option, printable
+from pipeline.data.formats import FORMATS
 from pipeline.errors import PipelineError
 
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+# transformers' scheduler names (`transformers.trainer_utils.SchedulerType`, 5.x). Importing transformers takes
+# seconds, so `check` uses this copy; tests/test_bad_inputs.py pins it equal to the installed library's list.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+# ... and the ones the sft/dpo stages cannot drive: they need trainer settings the stages do not pass
+_NEEDS_EVAL = "it needs an evaluation strategy, and the stage evaluates only before and after training"
+_NEEDS_KWARGS = "it needs {} in lr_scheduler_kwargs, which recipes do not pass"
+LR_SCHEDULERS_REFUSED = {
+    "reduce_lr_on_plateau": _NEEDS_EVAL,
+    "greedy": _NEEDS_EVAL,
+    "cosine_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
+    "cosine_warmup_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
+    "warmup_stable_decay": _NEEDS_KWARGS.format("num_decay_steps"),
+}
+# TRL's DPO loss types (1.16: the list DPOTrainer accepts); tests/test_bad_inputs.py pins it to the installed trl
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+# transformers' attention implementations (5.x: ALL_ATTENTION_FUNCTIONS and "eager"; pinned by a test). A hub
+# kernel ("kernels-community/flash-attn") or a paged variant ("paged|sdpa") is passed on unchecked.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                        "flash_attention_4")
+
+
+def check_attn_implementation(key: str, value: str | None) -> None:
+    if value is None or value in ATTN_IMPLEMENTATIONS or "/" in value or value.startswith("paged|"):
+        return
+    raise PipelineError(f"{key}: unknown attention implementation {value!r} (choose from "
+                        f"{', '.join(ATTN_IMPLEMENTATIONS)}, or a hub kernel id){closest(value, ATTN_IMPLEMENTATIONS)}")
+
+
+def data_formats(kind: str):
+    """The names a stage's `format` key accepts for records of `kind`: "auto" and the readers' registry."""
+    return lambda: ("auto", *FORMATS[kind])
+
+
+def builtin_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def chat_template_problem(name_or_path: str) -> str | None:
+    """Why `tokenizer.chat_template` cannot be loaded, or None (the rule of stages/tokenizer.load_chat_template:
+    no suffix = a built-in name, else a path to a file)."""
+    from pipeline.data.readers import path_kind
+
+    if not Path(name_or_path).suffix:
+        if path_kind(TEMPLATES_DIR / f"{name_or_path}.jinja") == "file":
+            return None
+        known = builtin_templates()
+        return (f"no built-in chat template `{printable(name_or_path)}` (built-in: {', '.join(known)}; "
+                f"or give a path to a .jinja file){closest(name_or_path, known)}")
+    if path_kind(name_or_path) == "file":
+        return None
+    folder = " (it is a folder)" if path_kind(name_or_path) == "dir" else ""
+    return f"chat template file not found: {printable(name_or_path)}{folder}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +136,7 @@ class BaseModelConfig:
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise PipelineError(f"{prefix}.path: name a hub id or a local model folder")
+        check_attn_implementation(f"{prefix}.attn_implementation", self.attn_implementation)
 
 
 @dataclass
@@ -84,21 +144,26 @@ class ModelConfig:
     """Architecture of a model built from scratch (a standard transformers config)."""
 
     architecture: Literal["llama", "gemma2"] = option("llama", "transformers architecture: llama or gemma2")
-    hidden_size: int = option(256, "width of the residual stream")
-    num_layers: int = option(4, "number of transformer blocks")
-    num_heads: int = option(4, "attention heads")
-    num_kv_heads: int = option(4, "key/value heads (fewer than num_heads gives grouped-query attention)")
-    intermediate_size: int = option(768, "hidden width of the MLP")
-    max_position_embeddings: int = option(512, "longest sequence the model supports")
-    rope_theta: float = option(10000.0, "RoPE base frequency")
+    hidden_size: int = option(256, "width of the residual stream", min=1)
+    num_layers: int = option(4, "number of transformer blocks", min=1)
+    num_heads: int = option(4, "attention heads", min=1)
+    num_kv_heads: int = option(4, "key/value heads (fewer than num_heads gives grouped-query attention)", min=1)
+    intermediate_size: int = option(768, "hidden width of the MLP", min=1)
+    max_position_embeddings: int = option(512, "longest sequence the model supports", min=1)
+    rope_theta: float = option(10000.0, "RoPE base frequency", min_exclusive=0)
     tie_word_embeddings: bool = option(True, "share the input embedding and output projection")
     attn_implementation: Optional[str] = option(None, "eager | sdpa; default: sdpa for llama, eager for gemma2")
 
     def validate(self, prefix: str) -> None:
+        check_attn_implementation(f"{prefix}.attn_implementation", self.attn_implementation)
+        # num_heads and num_kv_heads are at least 1 here: `build` checks the field ranges before validate runs
         if self.hidden_size % self.num_heads:
             raise PipelineError(f"{prefix}.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.num_heads % self.num_kv_heads:
             raise PipelineError(f"{prefix}.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise PipelineError(f"{prefix}.hidden_size / num_heads ({self.hidden_size} / {self.num_heads} = "
+                                f"{self.hidden_size // self.num_heads}) must be even: RoPE rotates pairs of dimensions")
 
 
 # ---------------------------------------------------------------- stages
@@ -109,15 +174,19 @@ class TokenizerConfig:
     """Byte-level BPE trained on the pretraining corpus, saved with a chat template."""
 
     corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from")
-    vocab_size: int = option(2048, "vocabulary size including special tokens")
-    min_frequency: int = option(2, "a pair must occur this often to be merged")
+    vocab_size: int = option(2048, "vocabulary size including special tokens", min=300, max=1_000_000,
+                             why="256 bytes + the special tokens at least; past a million the embeddings alone "
+                                 "take gigabytes")
+    min_frequency: int = option(2, "a pair must occur this often to be merged", min=1)
     chat_template: str = option("chatml", "template name in pipeline/templates/ or a path to a .jinja file")
 
     def validate(self, prefix: str) -> None:
         if not self.corpus:
             raise PipelineError(f"{prefix}.corpus: list at least one text file")
-        if self.vocab_size < 300:
-            raise PipelineError(f"{prefix}.vocab_size ({self.vocab_size}) must be at least 300 (256 bytes + specials)")
+        if not Path(self.chat_template).suffix:  # a built-in name; a path is checked with the data files
+            problem = chat_template_problem(self.chat_template)
+            if problem:
+                raise PipelineError(f"{prefix}.chat_template: {problem}")
 
 
 @dataclass
@@ -128,28 +197,31 @@ class PretrainConfig:
     eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data")
     chat_data: list[str] = option([], "conversation files rendered with the chat template and mixed in, "
                                   "so the chat control tokens are trained")
-    eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty")
+    eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty",
+                                  min=0, max=0.5)
     model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
-    seq_len: int = option(256, "tokens per packed block")
-    global_batch_size: int = option(16, "blocks per optimizer step, summed over all processes")
+    seq_len: int = option(256, "tokens per packed block", min=2, why="next-token prediction needs two tokens")
+    global_batch_size: int = option(16, "blocks per optimizer step, summed over all processes", min=1)
     micro_batch_size: int = option(16, "most blocks per forward pass on one process (a memory ceiling): the largest "
-                                       "micro-batch up to it that splits the global batch is used, accumulation derived")
-    max_steps: int = option(600, "optimizer steps")
-    learning_rate: float = option(2e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)")
-    warmup_steps: int = option(30, "linear warmup steps")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms and biases)")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+                                       "micro-batch up to it that splits the global batch is used, accumulation derived",
+                                   min=1)
+    max_steps: int = option(600, "optimizer steps", min=1)
+    learning_rate: float = option(2e-3, "peak learning rate (AdamW)", min_exclusive=0)
+    min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)", min=0, max=1)
+    warmup_steps: int = option(30, "linear warmup steps", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms and biases)", min=0)
+    adam_beta1: float = option(0.9, "AdamW beta1", min=0, max_exclusive=1)
+    adam_beta2: float = option(0.95, "AdamW beta2", min=0, max_exclusive=1)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)", min=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto = bf16 autocast where the hardware runs it fast (CUDA, or a CPU with AMX/AVX512-BF16)"
     )
-    eval_every: int = option(100, "evaluate held-out loss every this many steps (and at the end)")
-    eval_max_blocks: int = option(256, "at most this many held-out blocks per evaluation")
-    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps")
-    keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted")
-    log_every: int = option(10, "write metrics.jsonl and TensorBoard every this many steps")
+    eval_every: int = option(100, "evaluate held-out loss every this many steps (and at the end)", min=1)
+    eval_max_blocks: int = option(256, "at most this many held-out blocks per evaluation", min=1)
+    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", min=1)
+    keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted", min=1,
+                                   why="a killed stage resumes from its newest checkpoint")
+    log_every: int = option(10, "write metrics.jsonl and TensorBoard every this many steps", min=1)
 
     def validate(self, prefix: str) -> None:
         if not self.train_data:
@@ -159,24 +231,17 @@ class PretrainConfig:
                 f"{prefix}.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})"
             )
-        for name in ("max_steps", "seq_len", "micro_batch_size", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{prefix}.{name} must be at least 1")
 
 
 @dataclass
 class LoraArgs:
     """LoRA adapters: W x + (alpha/r) B A x, with B zero at the start so the model starts equal to its base."""
 
-    r: int = option(16, "rank of the A and B matrices")
-    alpha: int = option(32, "scale numerator: the update is multiplied by alpha / r")
-    dropout: float = option(0.0, "dropout on the adapter input")
+    r: int = option(16, "rank of the A and B matrices", min=1)
+    alpha: int = option(32, "scale numerator: the update is multiplied by alpha / r", min=1)
+    dropout: float = option(0.0, "dropout on the adapter input", min=0, max_exclusive=1)
     target_modules: list[str] = option(["all-linear"], "module names to adapt; all-linear = every linear layer but the output head")
     modules_to_save: list[str] = option([], "modules trained fully and saved with the adapter (e.g. embed_tokens)")
-
-    def validate(self, prefix: str) -> None:
-        if self.r < 1:
-            raise PipelineError(f"{prefix}.r must be at least 1")
 
 
 @dataclass
@@ -184,31 +249,35 @@ class SftConfig:
     """Instruction fine-tuning with LoRA on chat data (TRL's SFTTrainer), loss on assistant tokens only."""
 
     train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)")
-    format: str = option("auto", "data format; auto detects it from the fields of the first record")
+    format: str = option("auto", "data format; auto detects it from the fields of the first record",
+                         choices=data_formats("conversation"))
     eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored")
-    eval_limit: int = option(200, "at most this many held-out conversations are answered before and after")
+    eval_limit: int = option(200, "at most this many held-out conversations are answered before and after", min=0)
     on_bad_record: Literal["error", "drop"] = option("error", "a malformed record stops the stage, or is dropped and counted")
     duplicates: Literal["keep", "drop"] = option("keep", "exact duplicate conversations are kept or dropped (counted either way)")
     too_long: Literal["drop", "truncate"] = option("drop", "conversations longer than max_length are dropped or cut (counted)")
-    max_length: int = option(512, "longest rendered conversation in tokens")
+    max_length: int = option(512, "longest rendered conversation in tokens", min=1)
     lora: LoraArgs = option(LoraArgs, "adapter shape")
     quantization: Literal["none", "4bit"] = option("none", "4bit = QLoRA (bitsandbytes NF4 base), CUDA only")
-    epochs: float = option(5.0, "passes over the training conversations (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0 = use epochs")
-    global_batch_size: int = option(16, "conversations per optimizer step, summed over processes")
+    epochs: float = option(5.0, "passes over the training conversations (ignored when max_steps > 0)",
+                           min_exclusive=0)
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs", min=0)
+    global_batch_size: int = option(16, "conversations per optimizer step, summed over processes", min=1)
     micro_batch_size: int = option(2, "most conversations per forward pass on one process (a ceiling; the split "
                                       "is derived from the global batch and the processes) "
                                       "(small micro-batches bound peak memory at little cost in speed: "
-                                      "python -m pipeline.bench)")
+                                      "python -m pipeline.bench)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
-    learning_rate: float = option(1e-3, "peak learning rate")
-    warmup_ratio: float = option(0.05, "share of steps with linear warmup")
-    lr_scheduler: str = option("cosine", "transformers scheduler name: cosine, linear, constant, ...")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    learning_rate: float = option(1e-3, "peak learning rate", min_exclusive=0)
+    warmup_ratio: float = option(0.05, "share of steps with linear warmup", min=0, max_exclusive=1,
+                                 why="transformers reads 1 or more as a number of steps")
+    lr_scheduler: str = option("cosine", "transformers scheduler name", choices=LR_SCHEDULERS,
+                               refused=LR_SCHEDULERS_REFUSED)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
-    logging_steps: int = option(10, "log the training loss every this many steps")
-    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)")
-    max_new_tokens: int = option(48, "tokens generated per held-out answer")
+    logging_steps: int = option(10, "log the training loss every this many steps", min=1)
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)", min=1)
+    max_new_tokens: int = option(48, "tokens generated per held-out answer", min=1)
 
     def validate(self, prefix: str) -> None:
         if not self.train_data:
@@ -220,39 +289,55 @@ class DpoConfig:
     """Direct Preference Optimization of the SFT model (TRL's DPOTrainer); the reference is the SFT model."""
 
     train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)")
-    format: str = option("auto", "data format; auto detects it from the fields of the first record")
+    format: str = option("auto", "data format; auto detects it from the fields of the first record",
+                         choices=data_formats("preference"))
     eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins")
     answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate")
-    eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts")
+    eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
     bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
-    beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)")
-    loss_type: list[str] = option(["sigmoid"], "TRL loss types (sigmoid, ipo, robust, ...); several are summed with loss_weights")
-    loss_weights: list[float] = option([], "one weight per loss_type; empty = all 1")
-    label_smoothing: float = option(0.0, "assumed label noise for the robust / smoothed sigmoid losses")
+    beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)",
+                         min_exclusive=0, why="beta < 0 turns the loss around (the rejected answers win) and beta = 0 "
+                                              "removes the pull towards the reference: nothing is learned")
+    loss_type: list[str] = option(["sigmoid"], "TRL loss types; several are summed with loss_weights",
+                                  choices=DPO_LOSS_TYPES)
+    loss_weights: list[float] = option([], "one weight per loss_type; empty = all 1", min=0)
+    label_smoothing: float = option(0.0, "assumed label noise for the robust / smoothed sigmoid losses",
+                                    min=0, max_exclusive=0.5, why="at 0.5 the labels are noise")
     precompute_ref_log_probs: bool = option(True, "compute the reference log-probs once before training instead of "
                                                    "once per epoch (same numbers, fewer forward passes)")
-    max_length: int = option(512, "longest prompt + response in tokens; longer pairs are dropped and counted")
+    max_length: int = option(512, "longest prompt + response in tokens; longer pairs are dropped and counted",
+                             min=1)
     lora: LoraArgs = option(LoraArgs, "shape of the fresh DPO adapter")
-    epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0 = use epochs")
-    global_batch_size: int = option(16, "pairs per optimizer step, summed over processes")
+    epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)", min_exclusive=0)
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs", min=0)
+    global_batch_size: int = option(16, "pairs per optimizer step, summed over processes", min=1)
     micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
-                                      "from the global batch and the processes)")
+                                      "from the global batch and the processes)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
-    learning_rate: float = option(2e-4, "peak learning rate")
-    warmup_ratio: float = option(0.1, "share of steps with linear warmup")
-    lr_scheduler: str = option("cosine", "transformers scheduler name")
+    learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0)
+    warmup_ratio: float = option(0.1, "share of steps with linear warmup", min=0, max_exclusive=1,
+                                 why="transformers reads 1 or more as a number of steps")
+    lr_scheduler: str = option("cosine", "transformers scheduler name", choices=LR_SCHEDULERS,
+                               refused=LR_SCHEDULERS_REFUSED)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
-    logging_steps: int = option(1, "log loss, rewards and log-probs every this many steps")
-    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)")
-    stuck_after_steps: int = option(10, "stop loudly if the reward margin is still exactly zero after this many steps")
-    max_new_tokens: int = option(48, "tokens generated per held-out answer")
+    logging_steps: int = option(1, "log loss, rewards and log-probs every this many steps", min=1)
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)", min=1)
+    stuck_after_steps: int = option(10, "stop loudly if the reward margin is still exactly zero after this many steps",
+                                    min=1)
+    max_new_tokens: int = option(48, "tokens generated per held-out answer", min=1)
 
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one preference file")
+        if not self.loss_type:
+            raise PipelineError(f"{prefix}.loss_type: name at least one loss type (e.g. [sigmoid])")
         if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
             raise PipelineError(f"{prefix}.loss_weights needs one weight per loss_type ({len(self.loss_type)})")
+        if self.loss_weights and not any(self.loss_weights):
+            raise PipelineError(f"{prefix}.loss_weights: at least one weight must be above 0")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            raise PipelineError(f"{prefix}.label_smoothing must be above 0 for the exo_pair loss "
+                                "(the EXO paper recommends 1e-3)")
 
 
 @dataclass
@@ -262,10 +347,10 @@ class EvalConfig:
     text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)")
     answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)")
     preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)")
-    limit: int = option(200, "at most this many examples of each kind")
-    max_new_tokens: int = option(48, "tokens generated per answer")
-    kl_prompts: int = option(100, "prompts used for the dpo stage's KL estimate")
-    transcripts: int = option(5, "questions shown with every stage's answer side by side in report.md")
+    limit: int = option(200, "at most this many examples of each kind", min=1)
+    max_new_tokens: int = option(48, "tokens generated per answer", min=1)
+    kl_prompts: int = option(100, "prompts used for the dpo stage's KL estimate", min=1)
+    transcripts: int = option(5, "questions shown with every stage's answer side by side in report.md", min=0)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -278,7 +363,8 @@ class Recipe:
     name: str = option("", "run name; outputs go to <output_dir>/<name>/")
     description: str = option("", "free text shown in reports")
     output_dir: str = option("runs", "parent folder of run folders")
-    seed: int = option(0, "seed for model init, data order and sampling")
+    seed: int = option(0, "seed for model init, data order and sampling", min=0, max=2**32 - 1,
+                       why="numpy's seed range")
     base: Optional[BaseModelConfig] = option(None, "start from this model instead of tokenizer + pretrain")
     tokenizer: Optional[TokenizerConfig] = option(None, "train a byte-level BPE tokenizer")
     pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
@@ -345,6 +431,10 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PipelineError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML text file") from None
+    except (RecursionError, ValueError) as exc:  # nesting thousands deep; an integer of thousands of digits
+        raise PipelineError(f"{path}: not a usable recipe ({type(exc).__name__}: {str(exc)[:80]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -361,19 +451,27 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if isinstance(data.get("base"), str):  # `base: google/gemma-2-2b` is short for `base: {path: ...}`
         data["base"] = {"path": data["base"]}
     try:
-        return build(Recipe, data)
+        recipe = build(Recipe, data)
     except PipelineError as exc:
         raise PipelineError(f"{path}: {exc}") from None
+    recipe.source = str(path)  # the file this run comes from: a run folder belongs to one recipe file
+    return recipe
 
 
 def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
-    """Every data file a stage names must exist (hub dataset ids are left to the loader)."""
-    from pipeline.data.readers import looks_like_hub_id
+    """Every data file a stage names must exist, and so must a chat template given as a path. Hub dataset ids
+    are left to the loader, but a missing path under a local folder (data/sft_trian) is not taken for one."""
+    from pipeline.data.readers import missing_path_hint
 
     for stage, files in recipe.data_files().items():
         for file in files:
-            if not Path(file).exists() and not looks_like_hub_id(file):
-                raise PipelineError(f"{source}: {stage}: data file not found: {file}")
+            hint = missing_path_hint(file)
+            if hint is not None:
+                raise PipelineError(f"{source}: {stage}: data file not found: {printable(file)}{hint}")
+    if recipe.tokenizer:
+        problem = chat_template_problem(recipe.tokenizer.chat_template)
+        if problem:
+            raise PipelineError(f"{source}: tokenizer.chat_template: {problem}")
 
 
 def stage_help(stage: str) -> str:

@@ -132,4 +132,5 @@ def test_data_check_marks_trained_tokens(tiny_world, tiny_tokenizer, tmp_path, c
                              "--tokenizer", str(tmp_path / "tok")], capture_output=True, text=True, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "format:     messages" in result.stdout
-    assert "<|assistant|>[[ " in result.stdout and "<|end|>]]" in result.stdout
+    # real control tokens are marked ⟨...⟩; typed look-alikes would be shown bare
+    assert "⟨<|assistant|>⟩[[ " in result.stdout and "⟨<|end|>⟩]]" in result.stdout

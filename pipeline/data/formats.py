@@ -35,6 +35,13 @@ class BadRecord(Exception):
         self.message = message
 
 
+def shown(text: Any) -> str:
+    """Text from a record (a key, a role) as it goes into a message: control characters escaped, so the
+    message stays one line whatever the data holds."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def type_name(value: Any) -> str:
     """JSON-flavoured type names for messages: int, float, bool, null, string, list, object."""
     if value is None:
@@ -53,7 +60,7 @@ def type_name(value: Any) -> str:
 
 def _get(rec: dict, key: str, loc: str, path: str | None = None) -> Any:
     if key not in rec:
-        fields = ", ".join(map(str, rec)) or "none"
+        fields = ", ".join(map(shown, rec)) or "none"
         raise BadRecord("missing_field", f'{loc}: field "{path or key}": missing (fields present: {fields})')
     return rec[key]
 
@@ -61,6 +68,12 @@ def _get(rec: dict, key: str, loc: str, path: str | None = None) -> Any:
 def _str(value: Any, loc: str, path: str) -> str:
     if not isinstance(value, str):
         raise BadRecord("bad_type", f'{loc}: field "{path}": expected a string, got {type_name(value)}')
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can spell a lone UTF-16 surrogate ("\ud800"); no tokenizer takes it
+            raise BadRecord("bad_text", f'{loc}: field "{path}": not valid Unicode text (a lone surrogate '
+                                        f'\\u{ord(value[e.start]):04x} at character {e.start})') from None
     return value
 
 
@@ -77,9 +90,8 @@ def _turn(item: Any, loc: str, path: str) -> Turn:
     role_key, content_key = ("from", "value") if ("from" in item or "value" in item) else ("role", "content")
     role = _str(_get(item, role_key, loc, f"{path}.{role_key}"), loc, f"{path}.{role_key}")
     if role not in ROLES:
-        raise BadRecord(
-            "unknown_role", f'{loc}: field "{path}.{role_key}": unsupported role "{role}" (supported: {_ROLES_TEXT})'
-        )
+        raise BadRecord("unknown_role", f'{loc}: field "{path}.{role_key}": unsupported role "{shown(role)}" '
+                                        f"(supported: {_ROLES_TEXT})")
     content = _str(_get(item, content_key, loc, f"{path}.{content_key}"), loc, f"{path}.{content_key}")
     return ROLES[role], content, f"{path}.{content_key}"
 
@@ -200,9 +212,8 @@ def oasst_tree_record(rec: dict, loc: str) -> dict:
     while True:
         role = _str(_get(node, "role", loc, f"{path}role"), loc, f"{path}role")
         if role not in ("prompter", "assistant"):
-            raise BadRecord(
-                "unknown_role", f'{loc}: field "{path}role": unsupported role "{role}" (supported: prompter, assistant)'
-            )
+            raise BadRecord("unknown_role", f'{loc}: field "{path}role": unsupported role "{shown(role)}" '
+                                            "(supported: prompter, assistant)")
         text = _str(_get(node, "text", loc, f"{path}text"), loc, f"{path}text")
         turns.append(("user" if role == "prompter" else "assistant", text, f"{path}text"))
         replies = node.get("replies") or []
@@ -396,6 +407,9 @@ def detect(rec: dict, kind: str) -> str | None:
 def _hint(rec: dict, kind: str) -> str:
     """Why a near-miss format is not what `kind` needs, for the formats people most often try."""
     keys = set(rec)
+    for key in ("messages", "conversations") if kind != "text" else ():
+        if key in keys and not isinstance(rec[key], list):
+            return f'field "{key}" holds {type_name(rec[key])}, not a list of messages'
     if "turns" in keys and not keys & {"answers", "choices", "output", "completion"}:
         return "the records hold questions only (\"turns\", MT-Bench style) and no answers to train on"
     if kind == "preference":
@@ -419,6 +433,6 @@ def _hint(rec: dict, kind: str) -> str:
 
 def unrecognised(rec: dict, kind: str, source: str) -> str:
     known = "; ".join(desc for _, desc in FORMATS[kind].values())
-    fields = ", ".join(map(str, rec)) or "none"
+    fields = ", ".join(map(shown, rec)) or "none"
     return (f'{source}: format not recognised for kind "{kind}": {_hint(rec, kind)}. '
             f"Fields in the first record: {fields}. Known formats: {known}")

@@ -11,27 +11,34 @@ Inputs:
 - `.txt` (kind "text" only): if the file has lines that are exactly `<|endoftext|>`, those lines separate
   documents; otherwise the whole file is one document. Newlines around each document are removed, and
   whitespace-only pieces (for example after a final separator) are not documents.
-- a hub dataset id, `owner/name` or `owner/name:split` (default split "train"), when no such local path exists;
-  loaded with `datasets.load_dataset`.
+- a hub dataset id, `owner/name` or `owner/name:split` (default split "train"), when no such local path exists
+  and `owner` is not a local folder (so a mistyped `data/sft_trian` is "file not found", not a hub id); loaded
+  with `datasets.load_dataset`.
 
 The record format is detected from the fields of the first record (see `formats.detect`), or named with `fmt`.
 Every bad record either stops the read with a PipelineError (on_bad="error") or is dropped and counted by
-reason (on_bad="drop"); nothing is dropped silently. Exact duplicates are kept and counted.
+reason (on_bad="drop"); nothing is dropped silently. Exact duplicates are kept and counted. Whatever the bytes
+(not UTF-8, torn, nested thousands deep, numbers of thousands of digits, fields of the wrong type), the result
+is records or a one-line PipelineError naming the file (and the line and field where there is one).
 """
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import json
+import os
 import re
+import stat
 import statistics
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.formats import FORMATS, BadRecord, detect, type_name, unrecognised
+from pipeline.data.formats import FORMATS, BadRecord, detect, shown, type_name, unrecognised
 from pipeline.errors import PipelineError
 
 KINDS = tuple(FORMATS)
@@ -113,13 +120,17 @@ def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: 
         raise PipelineError(
             f"{source}: no usable records: all {len(rows)} were dropped ({reasons}); first: {result.problems[0]}"
         )
-    result.duplicates = count_duplicates(result.records)
+    try:
+        result.duplicates = count_duplicates(result.records)
+    except RecursionError:  # a kept field nested about as deep as the parser allows
+        raise PipelineError(f"{source}: a kept field ({', '.join(keep)}) is nested too deeply to compare "
+                            "records") from None
     return result
 
 
 def count_duplicates(records: list[dict]) -> int:
     """How many records exactly repeat an earlier one."""
-    seen = {json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records}
+    seen = {json.dumps(r, sort_keys=True, ensure_ascii=False, default=repr) for r in records}
     return len(records) - len(seen)
 
 
@@ -138,14 +149,28 @@ def describe(result: ReadResult) -> str:
     if result.problems:
         lines.append("first problems:")
         lines += [f"  {p}" for p in result.problems[:5]]
-    return "\n".join(lines)
+    # field names quoted from a bad record may hold lone surrogates (JSON "\ud800"), which stdout cannot encode
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------------------- loading rows
 
 
 def _local_file(source: str) -> Path:
-    return Path(source).expanduser()
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # "~nobody/x": no such user's home
+        return Path(source)
+
+
+def path_kind(source: str | PathLike) -> str | None:
+    """"file", "dir" or "other" (a FIFO, a device) for an existing path; None when nothing is there, including
+    names no file can have (too long, holding a NUL), which Path.exists() would raise on."""
+    try:
+        mode = os.stat(_local_file(str(source))).st_mode
+    except (OSError, ValueError):
+        return None
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -153,14 +178,59 @@ def looks_like_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not name.endswith(_SUFFIXES + (".gz", ".csv"))
 
 
+def missing_path_hint(source: str) -> str | None:
+    """None when `source` is an existing path or a hub dataset id; otherwise the end of a "file not found" message:
+    "" or a suggestion from the listing of the deepest folder that exists (" (did you mean `data/x/sft_train.jsonl`?)").
+
+    A hub-id-shaped name whose first part is a local folder (`data/sft_trian` where `data/` exists) is a mistyped
+    path, not a hub id: reading it from the hub would only fail later and say something else.
+    """
+    if path_kind(source) is not None:
+        return None
+    path = _local_file(source)
+    note = ""
+    if looks_like_hub_id(source):
+        owner = source.split("/", 1)[0]
+        if path_kind(owner) != "dir":
+            return None
+        note = f" (not read as a hub dataset id: {owner}/ is a local folder)"
+    return _nearest_existing(path) + note
+
+
+def _nearest_existing(path: Path) -> str:
+    """' (did you mean `p`?)' for the closest name in the deepest existing folder on the way to `path`, or ''."""
+    parts = path.parts
+    for depth in range(len(parts) - 1, -1, -1):
+        parent = Path(*parts[:depth]) if depth else Path(".")
+        if path_kind(parent) == "dir":
+            break
+    else:
+        return ""
+    try:
+        names = sorted(p.name for p in parent.iterdir())
+    except (OSError, ValueError):
+        return ""
+    match = difflib.get_close_matches(parts[depth], names, n=1, cutoff=0.6)
+    if not match:
+        return ""
+    guess = Path(*parts[:depth], match[0], *parts[depth + 1:])
+    if path_kind(guess) is None:
+        guess = Path(*parts[:depth], match[0])
+    return f" (did you mean `{guess}`?)"
+
+
 def _load_rows(source: str) -> list[Row]:
     path = _local_file(source)
-    if not path.exists():
-        if looks_like_hub_id(source):
+    kind = path_kind(path)
+    if kind is None:
+        hint = missing_path_hint(source)
+        if hint is None:
             return _hub_rows(source)
-        raise PipelineError(f"file not found: {source}")
-    if path.is_dir():
+        raise PipelineError(f"file not found: {shown(source)}{hint}")
+    if kind == "dir":
         raise PipelineError(f"{source}: is a directory; give a data file ({', '.join(_SUFFIXES)}) or a hub id")
+    if kind == "other":
+        raise PipelineError(f"{source}: not a regular file (a pipe or a device); give a data file")
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _jsonl_rows(_read_text(path, source), source)
@@ -176,8 +246,8 @@ def _load_rows(source: str) -> list[Row]:
 def _read_text(path: Path, source: str) -> str:
     try:
         data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise PipelineError(f"{source}: cannot read: {_one_line(e)}") from e
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # a bad header (OSError), a torn or corrupt stream
+        raise PipelineError(f"{source}: cannot read: {_one_line(e)}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -195,7 +265,18 @@ def _jsonl_rows(text: str, source: str) -> list[Row]:
             rows.append((loc, json.loads(line)))
         except json.JSONDecodeError as e:
             rows.append((loc, BadRecord("bad_json", f"{loc}: invalid JSON: {e.msg} (column {e.colno})")))
+        except (RecursionError, ValueError) as e:
+            rows.append((loc, BadRecord("bad_json", f"{loc}: unreadable JSON: {_json_limit(e)}")))
     return rows
+
+
+def _json_limit(e: BaseException) -> str:
+    """What a valid-looking JSON text exceeded: the nesting depth or the digits of an integer."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply (arrays or objects thousands of levels deep)"
+    if "digits" in str(e):
+        return "an integer with too many digits (over 4300)"
+    return _one_line(e)
 
 
 def _json_rows(text: str, source: str) -> list[Row]:
@@ -203,12 +284,14 @@ def _json_rows(text: str, source: str) -> list[Row]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise PipelineError(f"{source} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+    except (RecursionError, ValueError) as e:
+        raise PipelineError(f"{source}: unreadable JSON: {_json_limit(e)}") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) != 1:
             raise PipelineError(
                 f"{source}: expected a JSON array of records, or an object with one list field; "
-                f"got an object with {len(lists)} list fields (fields: {', '.join(map(str, data)) or 'none'})"
+                f"got an object with {len(lists)} list fields (fields: {', '.join(map(shown, data)) or 'none'})"
             )
         return [(f'{source} "{lists[0]}" index {i}', value) for i, value in enumerate(data[lists[0]])]
     if not isinstance(data, list):
@@ -220,10 +303,10 @@ def _parquet_rows(path: Path, source: str) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
-        raise PipelineError(f"{source}: cannot read Parquet: {_one_line(e)}") from e
-    return [(f"{source} row {i}", row) for i, row in enumerate(table.to_pylist())]
+        raise PipelineError(f"{source}: cannot read Parquet: {_one_line(e)}") from None
+    return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
 
 
 def _hub_rows(source: str) -> list[Row]:
@@ -245,8 +328,13 @@ def _read_txt(source: str, kind: str, fmt: str) -> ReadResult:
     if fmt not in ("auto", "txt"):
         raise PipelineError(f'{source}: format "{fmt}" does not apply to a .txt file (use "auto" or "txt")')
     path = _local_file(source)
-    if not path.is_file():
-        raise PipelineError(f"file not found: {source}")
+    kind_of_path = path_kind(path)
+    if kind_of_path == "dir":
+        raise PipelineError(f"{source}: is a directory; give a data file ({', '.join(_SUFFIXES)}) or a hub id")
+    if kind_of_path == "other":
+        raise PipelineError(f"{source}: not a regular file (a pipe or a device); give a data file")
+    if kind_of_path is None:
+        raise PipelineError(f"file not found: {shown(source)}{missing_path_hint(source) or ''}")
     text = _read_text(path, source)
     pieces = _EOT_LINE.split(text) if _EOT_LINE.search(text) else [text]
     records = [{"text": piece.strip("\r\n")} for piece in pieces if piece.strip()]
