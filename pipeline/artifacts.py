@@ -45,6 +45,40 @@ def read_json(path: str | Path) -> Any | None:
 def append_jsonl(path: str | Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict]:
+    """The records of a log we append to, skipping a torn last line (a crash mid-write) and any
+    line that is not a JSON object; a log is evidence, not input, so it never stops a resume."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` (and the folders themselves) to disk."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue  # removed meanwhile (a rotated checkpoint)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -62,20 +96,55 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
-def last_complete_trainer_checkpoint(folder: Path) -> str | None:
-    """Newest `checkpoint-N` a transformers Trainer finished writing, or None.
+CHECKSUMS = "checksums.json"
 
-    The Trainer writes checkpoints in place and trainer_state.json last, so a folder without it
-    was cut off by a crash: it is removed and the previous checkpoint is used.
-    """
+
+def write_checksums(folder: Path) -> None:
+    """sha256 of every file in a checkpoint folder, written last: a later load can tell a
+    complete, intact checkpoint from a torn or overwritten one."""
+    sums = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS and not p.name.startswith(".")}
+    atomic_write_json(folder / CHECKSUMS, sums)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None when every file matches its checksum."""
+    try:
+        sums = read_json(folder / CHECKSUMS)
+    except ValueError:
+        return f"{CHECKSUMS} is corrupt"
+    if not isinstance(sums, dict) or not sums:
+        return f"no {CHECKSUMS} (the save did not finish)"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != expected:
+            return f"{name} does not match its checksum (corrupt or overwritten)"
+    return None
+
+
+def set_aside(folder: Path, problem: str, log=print) -> None:
+    """Move a bad checkpoint out of the way (kept for inspection, never resumed from)."""
+    target = folder.with_name(f"corrupt-{folder.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(folder, target)
+    log(f"checkpoint {folder} skipped: {problem}; moved to {target.name}")
+
+
+def last_good_checkpoint(folder: Path, pattern: str, log=print) -> Path | None:
+    """Newest checkpoint under `folder` (names `pattern`, ending in a step number) whose files all
+    match their checksums. Torn or corrupt ones are set aside with a message and the previous
+    one is used."""
     if not folder.is_dir():
         return None
-    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+    candidates = sorted((p for p in folder.glob(pattern) if p.is_dir() and p.name.split("-")[-1].isdigit()),
                         key=lambda p: int(p.name.split("-")[-1]))
     for candidate in reversed(candidates):
-        if (candidate / "trainer_state.json").is_file():
-            return str(candidate)
-        shutil.rmtree(candidate, ignore_errors=True)
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        set_aside(candidate, problem, log)
     return None
 
 
@@ -83,5 +152,5 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the curve has no repeats."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_jsonl_tolerant(path) if record.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))

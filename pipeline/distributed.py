@@ -30,6 +30,10 @@ def leave_process_group() -> None:
 
 def require_ranks_agree(stage: str, model, accelerator, trainable_only: bool = False) -> bool:
     """ranks_agree, or the stage fails loudly: diverged processes would save one rank's weights."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    if not all(torch.isfinite(p.detach()).all() for p in params):
+        # NaN != NaN: without this the message below would blame the processes for bad weights
+        raise StageFailed(f"{stage}: the trained weights are not finite (NaN or inf); lower {stage}.learning_rate")
     if not ranks_agree(model, accelerator, trainable_only):
         kind = "adapter weights" if trainable_only else "weights"
         raise StageFailed(f"{stage}: the processes ended with different {kind} (gradients were not synchronised)")

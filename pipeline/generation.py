@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.chat_template import ChatRenderer
+from pipeline.errors import is_out_of_memory
 
 
 def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
@@ -23,7 +24,8 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
 
     With an `accelerator` of several processes the batches are dealt out round-robin and every
     process gets all replies back, in order. Each batch is seeded by its index, so the replies are
-    the same on any number of processes.
+    the same on any number of processes. A batch that runs out of memory is split in halves (and
+    later batches too); greedy replies stay the same, sampled ones are drawn afresh.
     """
     renderer = ChatRenderer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn
@@ -44,6 +46,23 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         # templates that put a space between the role marker and the text leave it on the reply
         return [r[1:] if r.startswith(" ") else r for r in replies]
 
+    limit = [batch_size]  # shrinks for the rest of the call once a batch ran out of memory
+
+    def answer_within_memory(batch_prompts: list[list[dict]], batch_seed: int) -> list[str]:
+        """answer() in chunks of at most limit[0] prompts; out of memory halves the limit and retries."""
+        replies: list[str] = []
+        while len(replies) < len(batch_prompts):
+            chunk = batch_prompts[len(replies) : len(replies) + limit[0]]
+            try:
+                replies += answer(chunk, batch_seed + len(replies))
+            except Exception as exc:
+                if not is_out_of_memory(exc) or limit[0] == 1:
+                    raise
+                limit[0] = (min(limit[0], len(chunk)) + 1) // 2
+                print(f"generation ran out of memory ({type(exc).__name__}); retrying with batches of {limit[0]}",
+                      flush=True)
+        return replies
+
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -57,9 +76,9 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         for first in range(0, len(batches), world):
             index = first + rank
             if index < len(batches):
-                mine[index] = answer(batches[index], seed + index)
+                mine[index] = answer_within_memory(batches[index], seed + index)
             else:
-                answer(batches[-1], seed)
+                answer_within_memory(batches[-1], seed)
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.lineage import read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
 
@@ -111,6 +112,11 @@ def resolve_dtype(name: str, device_type: str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def default_attention(config, requested: str | None) -> str:
+    """The recipe's choice, else eager for Gemma (its logit soft-capping; sdpa is refused on the CPU), else sdpa."""
+    return requested or ("eager" if config.model_type.startswith("gemma") else "sdpa")
+
+
 def load_base_model(cfg: BaseModelConfig, device_type: str = "cpu"):
     """A pretrained causal LM and its tokenizer from a local folder or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +128,7 @@ def load_base_model(cfg: BaseModelConfig, device_type: str = "cpu"):
     revision = None if local.exists() else cfg.revision
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
-        attn = cfg.attn_implementation or ("eager" if config.model_type.startswith("gemma") else "sdpa")
+        attn = default_attention(config, cfg.attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(
             source,
             revision=revision,
@@ -149,17 +155,23 @@ def load_stage_model(stage_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stage_dir = Path(stage_dir)
-    lineage_file = stage_dir / "lineage.json"
-    if not lineage_file.is_file():
+    require_current(stage_dir)
+    if not (stage_dir / "lineage.json").is_file():
         if not (stage_dir / "config.json").is_file():
             raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
         model = AutoModelForCausalLM.from_pretrained(stage_dir, dtype=dtype, use_safetensors=True)
         return model, AutoTokenizer.from_pretrained(stage_dir)
-    import json
+    base, adapters, options = read_lineage(stage_dir)
+    # the base exactly as training loaded it: same revision, same remote-code permission, same attention
+    from transformers import AutoConfig
 
-    lineage = json.loads(lineage_file.read_text())
-    model = AutoModelForCausalLM.from_pretrained(lineage["base"], dtype=dtype, use_safetensors=True)
-    adapters = lineage["adapters"]
+    options = {k: v for k, v in options.items() if v is not None}
+    if Path(base).is_dir():
+        options.pop("revision", None)
+    config = AutoConfig.from_pretrained(base, revision=options.get("revision"),
+                                        trust_remote_code=options.get("trust_remote_code", False))
+    options["attn_implementation"] = default_attention(config, options.get("attn_implementation"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, **options)
     for adapter in adapters[:-1]:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = PeftModel.from_pretrained(model, adapters[-1])

@@ -13,7 +13,10 @@ import importlib
 import json
 import platform
 import shutil
+import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,8 @@ from typing import Any
 import yaml
 
 from pipeline import __version__
-from pipeline.artifacts import atomic_write_json, atomic_write_text, file_sha256, read_json
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.artifacts import atomic_write_json, atomic_write_text, file_sha256, fsync_tree, read_json
+from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
 from pipeline.recipe import Recipe, check_data_files, stage_help
 
 STAGE_MODULES = {
@@ -54,12 +57,11 @@ class StageContext:
             print(f"[{self.stage}] {message}", flush=True)
 
     def output_of(self, stage: str) -> Path:
-        """The folder of an earlier stage, which must have finished."""
-        record = read_json(self.run_dir / stage / "stage.json")
-        if not record or record.get("status") != "done":
+        """The folder of an earlier stage, which must have finished with the current config."""
+        if stage not in self.upstream:
             raise PipelineError(
-                f"stage {self.stage} needs the output of stage {stage}, but {self.run_dir / stage} is not complete; "
-                f"run it first (pipeline run <recipe> --only {stage})"
+                f"stage {self.stage} needs the output of stage {stage}, but {self.run_dir / stage} is not complete "
+                f"or was made with another config; run it first (pipeline run <recipe> --only {stage})"
             )
         return self.run_dir / stage
 
@@ -135,34 +137,69 @@ def _select(recipe: Recipe, only: str | None, from_stage: str | None) -> tuple[l
     return stages, set()
 
 
-def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None = None) -> dict[str, dict]:
-    """Run (or skip) every stage; return each visited stage's stage.json record."""
+def claim_run_folder(recipe: Recipe, force: bool) -> None:
+    """A run folder belongs to the recipe file that made it: refuse another one (unless --force).
+
+    Two recipe files with the same `name` would otherwise take turns wiping each other's stages.
+    A folder whose recipe file was moved (the old path is gone, the file name is the same) is
+    taken over quietly; one made before run.json existed is adopted.
+    """
+    source = getattr(recipe, "source", None)
+    if source is None:
+        return
+    source = str(Path(source).resolve())
+    try:
+        owner = read_json(recipe.run_dir / "run.json")
+    except (ValueError, UnicodeDecodeError):
+        owner = None  # corrupt: rewritten below
+    previous = owner.get("recipe_file") if isinstance(owner, dict) else None
+    moved = previous and not Path(previous).exists() and Path(previous).name == Path(source).name
+    if previous and previous != source and not moved and not force:
+        raise PipelineError(
+            f"{recipe.run_dir} belongs to another recipe ({previous}); this one is {source}. Give this recipe its "
+            f"own folder (name=... or output_dir=...), or pass --force to let it take the folder over"
+        )
+
+
+def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None = None,
+               force: bool = False) -> dict[str, dict]:
+    """Run (or skip) every stage; return each visited stage's stage.json record.
+
+    Everything that can be checked is checked before the run folder is touched: data files,
+    stage names, the batch split, the folder's owner.
+    """
     from accelerate import Accelerator  # heavy import kept out of `check` and `--help`
 
     check_data_files(recipe)
+    stages, forced = _select(recipe, only, from_stage)
+    claim_run_folder(recipe, force)
     enable_cpu_data_parallel()
     accelerator = Accelerator()
-    recipe.batch_splits(accelerator.num_processes)  # refuse an impossible split before anything is written
+    recipe.batch_splits(accelerator.num_processes)
     threads = use_cpu_cores(accelerator)
     run_dir = recipe.run_dir
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(recipe, "source", None):
+            atomic_write_json(run_dir / "run.json", {"recipe_file": str(Path(recipe.source).resolve()),
+                                                     "name": recipe.name})
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
         print(f"run folder: {run_dir}  (processes: {accelerator.num_processes}, device: {accelerator.device}"
               f"{f', {threads} CPU threads each' if threads else ''})", flush=True)
     accelerator.wait_for_everyone()
 
-    stages, forced = _select(recipe, only, from_stage)
     fingerprints: list[str] = []
     records: dict[str, dict] = {}
     for stage in stages:
         fingerprint = stage_fingerprint(recipe, stage, fingerprints)
         fingerprints.append(fingerprint)
         out_dir = run_dir / stage
-        previous = read_json(out_dir / "stage.json")
+        previous = read_stage_record(out_dir)
         visiting = only is None or stage == only
-        if previous and previous.get("status") == "done" and previous.get("fingerprint") == fingerprint \
-                and stage not in forced:
+        upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}
+        current = (previous.get("status") == "done" and previous.get("fingerprint") == fingerprint
+                   and (previous.get("upstream_runs") or upstream_runs) == upstream_runs)
+        if current and stage not in forced:
             if accelerator.is_main_process and visiting:
                 print(f"[{stage}] done already with the same config and inputs (fingerprint {fingerprint}): skipping",
                       flush=True)
@@ -170,15 +207,41 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
             continue
         if not visiting:
             continue  # --only: an earlier stage that is not done; the stage asks for its output and says so
-        records[stage] = _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, records)
+        resumable = (previous.get("status") in ("running", "failed", "interrupted")
+                     and previous.get("fingerprint") == fingerprint
+                     and previous.get("upstream_runs", upstream_runs) == upstream_runs)
+        records[stage] = _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, records,
+                                    resume=resumable)
     return records
 
 
-def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstream) -> dict:
+def read_stage_record(out_dir: Path) -> dict:
+    """stage.json as a dict; {} when absent. A corrupt one is reported and treated as absent (the
+    stage then starts afresh), since nothing in it can be trusted."""
+    path = out_dir / "stage.json"
+    try:
+        record = read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        print(f"[{out_dir.name}] {path} is unreadable (corrupt JSON): the stage will start afresh", flush=True)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _raise_on_sigterm(signum, frame):
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstream, resume=False) -> dict:
     if accelerator.is_main_process:
-        if previous and previous.get("fingerprint") != fingerprint and out_dir.exists():
-            # Checkpoints of another config must never be resumed into this one.
-            print(f"[{stage}] config or inputs changed since the last run: starting this stage afresh", flush=True)
+        if out_dir.exists() and not resume:
+            # Checkpoints of another config, of other upstream weights, or of a forced rerun must
+            # never be resumed into this run: the stage starts afresh.
+            upstream_runs = {name: rec.get("run_id") for name, rec in upstream.items()}
+            why = ("no usable record of the last run" if not previous
+                   else "config or inputs changed since the last run" if previous.get("fingerprint") != fingerprint
+                   else "an earlier stage was rerun since" if previous.get("upstream_runs", upstream_runs) != upstream_runs
+                   else "rerun requested")
+            print(f"[{stage}] {why}: starting this stage afresh", flush=True)
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -188,14 +251,18 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         "stage": stage,
         "status": "running",
         "fingerprint": fingerprint,
+        "run_id": uuid.uuid4().hex,
         "config": dataclasses.asdict(config),
         "seed": recipe.seed,
         "data": {p: file_sha256(p) for p in recipe.data_files().get(stage, []) if Path(p).is_file()},
         "upstream": {name: rec.get("fingerprint") for name, rec in upstream.items()},
+        "upstream_runs": {name: rec.get("run_id") for name, rec in upstream.items()},
         "world_size": accelerator.num_processes,
         "versions": library_versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # every process must agree on the run id (it names the weights later stages stand on)
+    record["run_id"] = broadcast_text(record["run_id"], accelerator)
     if accelerator.is_main_process:
         atomic_write_json(out_dir / "stage.json", record)
 
@@ -203,13 +270,22 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     module = importlib.import_module(STAGE_MODULES[stage])
     context.log(f"starting (fingerprint {fingerprint}) -> {out_dir}")
     start = time.perf_counter()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         metrics = module.run(config, context)
-    except StageFailed as exc:
-        record.update(status="failed", error=str(exc), wall_time_s=round(time.perf_counter() - start, 2))
+    except BaseException as exc:
+        _close_progress_bars()
+        status, reason = _failure(exc)
+        record.update(status=status, error=reason, wall_time_s=round(time.perf_counter() - start, 2))
         if accelerator.is_main_process:
             atomic_write_json(out_dir / "stage.json", record)
+        if is_out_of_memory(exc):
+            raise StageFailed(f"{stage}: {reason}") from None
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     record.update(
         status="done",
         metrics=metrics,
@@ -218,6 +294,36 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(out_dir)  # what `done` vouches for is on disk before `done` is
         atomic_write_json(out_dir / "stage.json", record)
     context.log(f"done in {record['wall_time_s']:.1f}s")
     return record
+
+
+def _close_progress_bars() -> None:
+    """Finish any progress bar a failing stage left open, so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) for stage.json."""
+    if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        return "interrupted", str(exc) or "interrupted (Ctrl-C)"
+    if is_out_of_memory(exc):
+        return "failed", (f"out of memory ({type(exc).__name__}); lower the micro_batch_size or max_length, or "
+                          f"use a smaller model")
+    return "failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, PipelineError) else str(exc)
+
+
+def broadcast_text(text: str, accelerator) -> str:
+    """The main process's value on every process."""
+    if accelerator.num_processes == 1:
+        return text
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([text])[0]

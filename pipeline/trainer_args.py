@@ -3,12 +3,14 @@ metrics logging and the checkpoint to resume from."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from pipeline.artifacts import append_jsonl, last_complete_trainer_checkpoint, truncate_log
+from pipeline.artifacts import append_jsonl, last_good_checkpoint, truncate_log, write_checksums
+from pipeline.errors import StageFailed
 from pipeline.models import resolve_dtype
 from pipeline.recipe import BatchSplit
 
@@ -41,6 +43,7 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the stage: StopOnNonFinite)
         report_to=["tensorboard"],
         seed=ctx.recipe.seed,
         data_seed=ctx.recipe.seed,
@@ -52,13 +55,57 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
 
 
 def resume_checkpoint(ctx) -> str | None:
-    """The newest complete Trainer checkpoint of this stage; the metrics log is cut back to it."""
-    last = last_complete_trainer_checkpoint(ctx.out_dir / "checkpoints")
+    """The newest intact Trainer checkpoint of this stage; the metrics log is cut back to it."""
+    with ctx.accelerator.main_process_first():  # the main process sets corrupt ones aside first
+        last = last_good_checkpoint(ctx.out_dir / "checkpoints", "checkpoint-*", ctx.log)
     if last:
-        ctx.log(f"resuming from {Path(last).name}")
+        ctx.log(f"resuming from {last.name}")
     if ctx.is_main:  # a rerun logs each step once
-        truncate_log(ctx.out_dir / "metrics.jsonl", int(Path(last).name.split("-")[-1]) if last else 0)
-    return last
+        truncate_log(ctx.out_dir / "metrics.jsonl", int(last.name.split("-")[-1]) if last else 0)
+    return str(last) if last else None
+
+
+class ChecksumOnSave(TrainerCallback):
+    """Seal each Trainer checkpoint with checksums of its files once the Trainer has written it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_checksums(folder)
+
+
+class StopOnNonFinite:
+    """Mixin for a Trainer: stop at the first non-finite loss or gradient norm, before the update.
+
+    The Trainer's own NaN filter (logging_nan_inf_filter) only hides a NaN loss from the log and
+    goes on stepping, so NaN weights get saved. The gradient norm is computed after the gradients
+    are reduced over processes, so every process sees the same value and stops at the same step.
+    """
+
+    _bad_loss: float | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._bad_loss = float(loss.detach().float().mean())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        if self._bad_loss is not None or not math.isfinite(value):
+            stage = getattr(self, "stage_name", "training")
+            folder = Path(self.args.output_dir)
+            last = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), default=None) \
+                if folder.is_dir() else None
+            kept = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+            loss = f"loss {self._bad_loss}" if self._bad_loss is not None else "loss finite"
+            raise StageFailed(
+                f"{stage}: non-finite training at step {self.state.global_step + 1} ({loss}, gradient norm {value}); "
+                f"stopped before updating the weights; {kept}. Lower {stage}.learning_rate or check the data."
+            )
+        return grad_norm
 
 
 class SameBatchesOnAnyTopology:

@@ -109,3 +109,30 @@ def test_answer_scores_break_down_by_attribute():
     scores = score_answers(records, replies)
     assert scores["answer_accuracy"] == 2 / 3 and scores["scored"] == 3
     assert scores["accuracy_by_attribute"] == {"job": 1.0, "town": 0.5}
+
+
+def test_generation_halves_its_batch_when_memory_runs_out(tiny_tokenizer, capsys):
+    """A batch that does not fit is split and retried; greedy replies are those of an unbroken run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.generation import generate_replies
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         initializer_range=0.5)).eval()
+    prompts = [[{"role": "user", "content": f"Where does person {i} live?"}] for i in range(7)]
+    expected = generate_replies(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8)
+    real_generate, widths = model.generate, []
+
+    def generate(**kwargs):  # "memory" for at most 2 prompts at a time
+        widths.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return real_generate(**kwargs)
+
+    model.generate = generate
+    assert generate_replies(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8) == expected
+    assert widths == [7, 4, 2, 2, 2, 1]
+    assert "retrying with batches of 2" in capsys.readouterr().out

@@ -109,9 +109,12 @@ def test_only_the_main_process_writes(dpo_run):
     recipe = load_recipe(run_dir.parent.parent / "dpo.yaml")
     before = _files(run_dir)
     accelerator = _NotMain(Accelerator())
-    for stage in ("pretrain", "sft", "dpo"):
+    upstream = {}
+    for stage in ("tokenizer", "pretrain", "sft", "dpo"):
         previous = read_json(run_dir / stage / "stage.json")
-        _run_stage(recipe, stage, previous["fingerprint"], previous, run_dir / stage, accelerator, {})
+        if stage != "tokenizer":
+            _run_stage(recipe, stage, previous["fingerprint"], previous, run_dir / stage, accelerator, dict(upstream))
+        upstream[stage] = previous
     after = {p: t for p, t in _files(run_dir).items()
              if p.relative_to(run_dir).parts[:2] not in (("sft", "checkpoints"), ("dpo", "checkpoints"))}
     changed = sorted(str(p.relative_to(run_dir)) for p, t in after.items() if before.get(p) != t)

@@ -47,3 +47,24 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
     records = run_recipe(recipe)
     assert records["sft"]["status"] == "done" and records["dpo"]["status"] == "done"
     assert (tmp_path / "runs" / "gemma2-2b" / "dpo" / "adapter_model.safetensors").is_file()
+
+    # eval, chat and score load the base exactly as training did (revision, remote code, attention)
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.artifacts import read_json
+    from pipeline.models import load_stage_model
+
+    lineage = read_json(tmp_path / "runs" / "gemma2-2b" / "dpo" / "lineage.json")
+    assert lineage["base"] == str(gemma_folder.resolve())  # outside the run folder: kept absolute
+    assert lineage["base_options"] == {"revision": None, "trust_remote_code": False, "attn_implementation": "eager"}
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(source, *args, **kwargs):
+        seen.update(kwargs)
+        return original(source, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_stage_model(tmp_path / "runs" / "gemma2-2b" / "dpo")
+    assert seen["attn_implementation"] == "eager" and seen["trust_remote_code"] is False
+    assert seen["use_safetensors"] is True

@@ -18,18 +18,21 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
-from pipeline.artifacts import append_jsonl, atomic_write_json
+from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
+from pipeline.lineage import base_load_options, read_lineage, write_lineage
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
 from pipeline.models import count_parameters, lora_config
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
+    ChecksumOnSave,
     SameBatchesOnAnyTopology,
+    StopOnNonFinite,
     common_trainer_kwargs,
     resume_checkpoint,
 )
@@ -88,8 +91,10 @@ def pair_length(row: dict) -> int:
     return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
-class DPOTrainerOnOurRows(SameBatchesOnAnyTopology, DPOTrainer):
+class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer):
     """DPOTrainer fed with our rendered ids; TRL's own tokenization would parse control tokens in user text."""
+
+    stage_name = "dpo"
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in dataset.column_names:
@@ -105,11 +110,8 @@ def load_sft_policy(ctx):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.artifacts import read_json
-
     sft_dir = ctx.output_of("sft")
-    lineage = read_json(sft_dir / "lineage.json")
-    base_source = lineage["base"]
+    base_source, _, _ = read_lineage(sft_dir)
     if ctx.recipe.base is not None:
         from pipeline.models import load_base_model
 
@@ -203,7 +205,11 @@ class StuckMarginCheck(TrainerCallback):
         if self.enabled:
             append_jsonl(self.metrics_path, {"step": state.global_step, **logs})
         if "rewards/margins" in logs:
-            self.margins.append(abs(float(logs["rewards/margins"])))
+            margin = float(logs["rewards/margins"])
+            if not math.isfinite(margin):
+                raise StageFailed(f"dpo: the reward margin is {margin} at step {state.global_step}; stopped. "
+                                  f"Lower dpo.learning_rate or check the data.")
+            self.margins.append(abs(margin))
         if state.global_step >= self.after_steps and self.margins and max(self.margins) == 0.0:
             raise StageFailed(
                 f"dpo: the reward margin is still exactly 0 after {state.global_step} steps (loss stuck at "
@@ -253,7 +259,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
         train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.lora),
-        callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main)],
+        callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main),
+                   ChecksumOnSave()],
     )
     policy = trainer.model
     setup_s = time.perf_counter() - started
@@ -289,11 +296,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
         generation.eos_token_id = stop_token_ids(tokenizer, renderer)
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(ctx.out_dir)
-        atomic_write_json(ctx.out_dir / "lineage.json", {
-            "base": base_source,
-            "adapters": [str(Path(sft_dir).resolve()), str(ctx.out_dir.resolve())],
-            "note": "merge the sft adapter into the base, then load the dpo adapter on top",
-        })
+        write_lineage(ctx.out_dir, base_source, [Path(sft_dir), ctx.out_dir], base_load_options(ctx.recipe.base),
+                      note="merge the sft adapter into the base, then load the dpo adapter on top")
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,

@@ -18,6 +18,7 @@ from pipeline.artifacts import atomic_write_json, atomic_write_text, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.packing import pack, tokenize_documents
 from pipeline.data.readers import read_records
+from pipeline.lineage import stale_upstream
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
@@ -26,6 +27,14 @@ MODEL_STAGES = ("pretrain", "sft", "dpo")
 
 
 # ---------------------------------------------------------------- data
+
+
+def read_stage_status(stage_dir: Path) -> str | None:
+    try:
+        record = read_json(stage_dir / "stage.json")
+    except (ValueError, UnicodeDecodeError):
+        return None  # corrupt: not a stage anyone can vouch for
+    return record.get("status") if isinstance(record, dict) else None
 
 
 def resolve_data(cfg: EvalConfig, recipe: Recipe) -> dict[str, list[str]]:
@@ -156,8 +165,15 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, recipe: Recipe, out_dir: Path, 
     from pipeline.plots import plot_run
 
     sets = load_eval_sets(resolve_data(cfg, recipe), cfg.limit)
-    stages = {s: run_dir / s for s in MODEL_STAGES
-              if (read_json(run_dir / s / "stage.json") or {}).get("status") == "done"}
+    stages = {}
+    for stage in MODEL_STAGES:
+        if (read_stage_status(run_dir / stage)) != "done":
+            continue
+        stale = stale_upstream(run_dir / stage)
+        if stale:  # its weights stand on an earlier stage that was rerun: comparing it would mislead
+            log(f"WARNING: {stage} left out of the comparison: {stale} (pipeline run RECIPE --from {stage})")
+            continue
+        stages[stage] = run_dir / stage
     if recipe.base and Path(recipe.base.path).is_dir():  # a local base model is the first column
         stages = {"base": Path(recipe.base.path), **stages}
     results, replies = {}, {}

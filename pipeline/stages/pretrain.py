@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import append_jsonl, atomic_write_json, file_sha256, read_json, truncate_log
+from pipeline.artifacts import (
+    append_jsonl,
+    atomic_write_json,
+    file_sha256,
+    last_good_checkpoint,
+    read_json,
+    truncate_log,
+    write_checksums,
+)
 from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
@@ -153,9 +161,9 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 # ---------------------------------------------------------------- checkpoints
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return complete[-1] if complete else None
+def latest_checkpoint(root: Path, log=print) -> Path | None:
+    """Newest intact checkpoint; a torn or corrupt one is set aside with a message."""
+    return last_good_checkpoint(root, "step-*", log)
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, keep: int) -> Path:
@@ -169,6 +177,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, keep: int) -> Path:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     atomic_write_json(tmp / "state.json", {"step": step})
+    write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
@@ -224,7 +233,8 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     ckpt_root = ctx.out_dir / "checkpoints"
     metrics_path = ctx.out_dir / "metrics.jsonl"
     start_step = 0
-    checkpoint = latest_checkpoint(ckpt_root)
+    with accelerator.main_process_first():  # the main process sets corrupt ones aside first
+        checkpoint = latest_checkpoint(ckpt_root, ctx.log)
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, raw_model, optimizer)
         ctx.log(f"resuming from {checkpoint.name} (step {start_step})")
@@ -261,7 +271,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         step_loss = accelerator.reduce(step_loss, "sum") / n_targets
         grad_norm = _grad_norm(model, accelerator, cfg.grad_clip)
         if not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
-            last = latest_checkpoint(ckpt_root)
+            last = max(ckpt_root.glob("step-*"), default=None)  # checked on resume, not here: every rank is here
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise StageFailed(
                 f"pretrain: loss is {step_loss.item()} (gradient norm {grad_norm}) at step {step + 1}; stopped "

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import atomic_write_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
+from pipeline.lineage import base_load_options, write_lineage
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, load_base_model, lora_config
 from pipeline.recipe import SftConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
+    ChecksumOnSave,
     MetricsLog,
     SameBatchesOnAnyTopology,
+    StopOnNonFinite,
     common_trainer_kwargs,
     resume_checkpoint,
 )
@@ -160,8 +162,8 @@ def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: 
 def run(cfg: SftConfig, ctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    class Trainer(SameBatchesOnAnyTopology, SFTTrainer):
-        pass
+    class Trainer(StopOnNonFinite, SameBatchesOnAnyTopology, SFTTrainer):
+        stage_name = "sft"
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,7 +204,7 @@ def run(cfg: SftConfig, ctx) -> dict:
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main)],
+        callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main), ChecksumOnSave()],
     )
     last = resume_checkpoint(ctx)
     result = trainer.train(resume_from_checkpoint=last)
@@ -215,7 +217,8 @@ def run(cfg: SftConfig, ctx) -> dict:
     if after:
         ctx.log(f"held-out after sft: accuracy {after['answer_accuracy']:.3f}, habit {after['habit_rate']:.3f}")
     if ctx.is_main:
-        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, base_source)
+        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, base_source,
+                     base_load_options(ctx.recipe.base))
     accelerator.wait_for_everyone()
 
     return {
@@ -240,7 +243,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     }
 
 
-def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str) -> None:
+def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str, base_options: dict) -> None:
     """adapter_model.safetensors + adapter_config.json (base recorded), tokenizer, generation config."""
     model.peft_config["default"].base_model_name_or_path = base_source
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -249,4 +252,4 @@ def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str) ->
     generation.eos_token_id = stop_token_ids(tokenizer, renderer)  # stop at the end of the assistant's turn
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out_dir)
-    atomic_write_json(out_dir / "lineage.json", {"base": base_source, "adapters": [str(out_dir.resolve())]})
+    write_lineage(out_dir, base_source, [out_dir], base_options)

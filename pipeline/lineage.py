@@ -1,0 +1,105 @@
+"""Which weights a stage's output stands on, and whether they are still the ones on disk.
+
+lineage.json (in an adapter stage's folder) names the base model and the chain of adapters to
+apply. Paths inside the run folder are stored relative to the stage folder, so a run folder can
+be copied, moved or archived and still load; hub ids stay ids; a local folder outside the run is
+kept absolute (it is not part of the run).
+
+stage.json records, for every earlier stage, the fingerprint and the run id it was trained on.
+A later `--only pretrain` gives pretrain a new run id: sft and dpo then stand on weights that
+are gone, and loading them is refused instead of silently mixing generations.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.artifacts import atomic_write_json, read_json
+from pipeline.errors import PipelineError
+
+
+def _portable(path_or_id: str, stage_dir: Path) -> str:
+    """A path under the run folder as a path relative to stage_dir; anything else unchanged."""
+    path = Path(path_or_id)
+    if not path.exists():
+        return path_or_id  # a hub id
+    run_dir = stage_dir.resolve().parent
+    resolved = path.resolve()
+    if resolved == run_dir or run_dir in resolved.parents:
+        return Path(os.path.relpath(resolved, stage_dir.resolve())).as_posix()
+    return str(resolved)
+
+
+def base_load_options(base_cfg) -> dict:
+    """How training loaded a recipe's `base:` model; eval, chat and score must load it the same way."""
+    if base_cfg is None:
+        return {}
+    return {"revision": base_cfg.revision, "trust_remote_code": base_cfg.trust_remote_code,
+            "attn_implementation": base_cfg.attn_implementation}
+
+
+def write_lineage(stage_dir: Path, base: str, adapters: list[Path], base_options: dict | None = None,
+                  **extra) -> None:
+    atomic_write_json(stage_dir / "lineage.json", {
+        "base": _portable(str(base), stage_dir),
+        "adapters": [_portable(str(a), stage_dir) for a in adapters],
+        **({"base_options": base_options} if base_options else {}),
+        **extra,
+    })
+
+
+def read_lineage(stage_dir: Path) -> tuple[str, list[Path], dict]:
+    """(base: a folder or a hub id, adapter folders in order, base load options), relative paths resolved."""
+    lineage = _record(stage_dir / "lineage.json")
+    if not isinstance(lineage, dict) or "base" not in lineage or not isinstance(lineage.get("adapters"), list):
+        raise PipelineError(f"{stage_dir / 'lineage.json'}: not a lineage file (needs `base` and `adapters`)")
+
+    def resolve(entry: str) -> str:
+        # what write_lineage stores: "." / "../x" (inside the run), absolute (outside it), or a hub id
+        if entry.startswith("."):
+            entry = str((stage_dir / entry).resolve())
+        if Path(entry).is_absolute() and not Path(entry).is_dir():
+            raise PipelineError(f"{stage_dir / 'lineage.json'}: {entry} is missing (moved or deleted?)")
+        return entry
+
+    options = lineage.get("base_options") or {}
+    return resolve(lineage["base"]), [Path(resolve(a)) for a in lineage["adapters"]], options
+
+
+def stale_upstream(stage_dir: Path) -> str | None:
+    """Why the stage's output no longer matches the earlier stages on disk, or None when it does.
+
+    Compares the fingerprint and run id each upstream stage had when this stage trained with what
+    that stage's folder holds now. A folder without stage.json (an exported model) is not checked.
+    """
+    record = _record(stage_dir / "stage.json")
+    if not isinstance(record, dict):
+        return None
+    run_dir = stage_dir.parent
+    trained_on = record.get("upstream_runs") or {}
+    for name, fingerprint in (record.get("upstream") or {}).items():
+        now = _record(run_dir / name / "stage.json")
+        if not isinstance(now, dict) or now.get("status") != "done":
+            return f"it was trained on stage {name}, which is no longer complete in {run_dir / name}"
+        if now.get("fingerprint") != fingerprint or (trained_on.get(name) and now.get("run_id") != trained_on[name]):
+            return (f"it was trained on another run of stage {name} (fingerprint {fingerprint}, now "
+                    f"{now.get('fingerprint')}); {name} was rerun since")
+    return None
+
+
+def _record(path: Path):
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{path}: corrupt (not JSON); rerun that stage: pipeline run RECIPE --from "
+                            f"{path.parent.name}") from None
+
+
+def require_current(stage_dir: Path) -> None:
+    """Refuse to load a stage whose upstream stages were rerun after it trained."""
+    reason = stale_upstream(stage_dir)
+    if reason:
+        stage = stage_dir.name
+        raise PipelineError(f"{stage_dir} is stale: {reason}. Rerun it on the current weights: "
+                            f"pipeline run RECIPE --from {stage}")

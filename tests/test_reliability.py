@@ -1,0 +1,231 @@
+"""Nothing lost, nothing stale: run folders, resumes, checkpoints and failing training."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import read_json
+from pipeline.errors import PipelineError, StageFailed
+from pipeline.recipe import load_recipe
+from pipeline.run import run_recipe
+from tests.conftest import dpo_section, sft_section
+
+# ---------------------------------------------------------------- a run folder belongs to one recipe
+
+
+def test_another_recipe_with_the_same_name_is_refused_and_nothing_is_touched(write_recipe, tmp_path):
+    first = write_recipe("tiny", {"pretrain.max_steps": 4, "pretrain.checkpoint_every": 100})
+    run_recipe(load_recipe(first))
+    run_dir = load_recipe(first).run_dir
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    other = tmp_path / "other.yaml"
+    data = json.loads(json.dumps(__import__("yaml").safe_load(first.read_text())))
+    data["pretrain"]["max_steps"] = 5
+    other.write_text(json.dumps(data))
+    with pytest.raises(PipelineError, match=r"belongs to another recipe .*tiny.yaml.*--force"):
+        run_recipe(load_recipe(other))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+    # a misspelt --only is refused before anything is written, too
+    with pytest.raises(PipelineError, match="did you mean `pretrain`"):
+        run_recipe(load_recipe(first), only="prtrain")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+    records = run_recipe(load_recipe(other), force=True)  # taken over on request
+    assert records["pretrain"]["metrics"]["steps"] == 5
+    assert read_json(run_dir / "run.json")["recipe_file"] == str(other.resolve())
+
+
+# ---------------------------------------------------------------- stale stages are refused
+
+
+@pytest.fixture
+def sft_run(write_recipe, tiny_world):
+    path = write_recipe("chain", {"pretrain.checkpoint_every": 100, "sft": sft_section(tiny_world, max_steps=2)})
+    records = run_recipe(load_recipe(path))
+    return path, load_recipe(path).run_dir, records
+
+
+def test_rerunning_an_earlier_stage_makes_later_ones_stale_until_rerun(sft_run):
+    from pipeline.models import load_stage_model
+
+    path, run_dir, _ = sft_run
+    load_stage_model(run_dir / "sft")  # current: loads
+    run_recipe(load_recipe(path, ["pretrain.max_steps=6"]), only="pretrain")
+    with pytest.raises(PipelineError, match=r"sft is stale: it was trained on another run of stage pretrain.*--from sft"):
+        load_stage_model(run_dir / "sft")
+
+    # the same config rerun by force (--only) gives pretrain a new run id: sft is stale again
+    records = run_recipe(load_recipe(path, ["pretrain.max_steps=6"]))
+    assert records["sft"]["upstream_runs"]["pretrain"] == records["pretrain"]["run_id"]
+    load_stage_model(run_dir / "sft")
+    run_recipe(load_recipe(path, ["pretrain.max_steps=6"]), only="pretrain")
+    with pytest.raises(PipelineError, match="stale"):
+        load_stage_model(run_dir / "sft")
+
+
+def test_a_forced_rerun_starts_afresh(sft_run, capsys):
+    path, run_dir, first = sft_run
+    records = run_recipe(load_recipe(path), only="sft")
+    assert "rerun requested: starting this stage afresh" in capsys.readouterr().out
+    assert records["sft"]["metrics"]["steps"] == 2  # trained again from step 0, not resumed at the end
+    assert records["sft"]["run_id"] != first["sft"]["run_id"]
+
+
+def test_a_moved_run_folder_still_loads(sft_run, tmp_path):
+    import torch
+
+    from pipeline.models import load_stage_model
+
+    _, run_dir, _ = sft_run
+    model, tokenizer = load_stage_model(run_dir / "sft")
+    ids = torch.tensor([tokenizer("Nozan lives in").input_ids])
+    expected = model(input_ids=ids).logits
+    moved = tmp_path / "archive" / "chain"
+    shutil.copytree(run_dir, moved)
+    shutil.rmtree(run_dir)  # the original is gone: the copy must not point at it
+    lineage = read_json(moved / "sft" / "lineage.json")
+    assert lineage == {"base": "../pretrain", "adapters": ["."]}
+    model, _ = load_stage_model(moved / "sft")
+    assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training that goes wrong stops
+
+
+def _poison_gradients_from(step: int, monkeypatch):
+    """From optimizer step `step` on, every gradient is NaN (as a too-high learning rate makes them)."""
+    from pipeline.trainer_args import StopOnNonFinite
+
+    original = StopOnNonFinite.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = original(self, model, inputs, num_items_in_batch)
+        if self.state.global_step + 1 >= step:
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.fill_(math.nan)
+        return loss
+
+    monkeypatch.setattr(StopOnNonFinite, "training_step", training_step)
+
+
+def test_sft_stops_at_the_first_nan_and_keeps_the_last_good_checkpoint(write_recipe, tiny_world, monkeypatch):
+    from safetensors.torch import load_file
+
+    path = write_recipe("nan", {"pretrain.checkpoint_every": 100,
+                                "sft": sft_section(tiny_world, max_steps=6, save_steps=2, eval_limit=2)})
+    recipe = load_recipe(path)
+    with monkeypatch.context() as patch:
+        _poison_gradients_from(4, patch)
+        with pytest.raises(StageFailed, match=r"sft: non-finite training at step 4 .*gradient norm nan.*checkpoint-2"):
+            run_recipe(recipe)
+    checkpoints = recipe.run_dir / "sft" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*checkpoint-*")) == ["checkpoint-2"]
+    weights = load_file(checkpoints / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(t.isfinite().all() for t in weights.values())
+    record = read_json(recipe.run_dir / "sft" / "stage.json")
+    assert record["status"] == "failed" and "step 4" in record["error"]
+
+    records = run_recipe(recipe)  # the cause is gone: resumes from checkpoint-2 and finishes
+    assert records["sft"]["status"] == "done" and records["sft"]["metrics"]["steps"] == 6
+
+
+def test_dpo_stuck_or_nan_margin_stops():
+    from pipeline.stages.dpo import StuckMarginCheck
+
+    class State:
+        global_step = 3
+
+    check = StuckMarginCheck(after_steps=3, metrics_path=Path("/nonexistent"), enabled=False)
+    with pytest.raises(StageFailed, match="still exactly 0 after 3 steps"):
+        check.on_log(None, State(), None, logs={"rewards/margins": 0.0})
+    with pytest.raises(StageFailed, match="reward margin is nan at step 3"):
+        StuckMarginCheck(10, Path("/nonexistent"), False).on_log(None, State(), None, logs={"rewards/margins": math.nan})
+
+
+def test_nan_weights_are_named_not_blamed_on_the_processes():
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.distributed import require_ranks_agree
+
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    with pytest.raises(StageFailed, match="not finite"):
+        require_ranks_agree("sft", model, Accelerator(cpu=True))
+
+
+# ---------------------------------------------------------------- resume survives torn and corrupt files
+
+
+def _interrupt_pretrain_at(step: int, monkeypatch):
+    import pipeline.stages.pretrain as pretrain
+
+    original = pretrain.lr_at
+
+    def lr_at(at, cfg):
+        if at == step:
+            raise KeyboardInterrupt
+        return original(at, cfg)
+
+    monkeypatch.setattr(pretrain, "lr_at", lr_at)
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(write_recipe, capsys, monkeypatch):
+    path = write_recipe("crash", {"pretrain.max_steps": 12, "pretrain.checkpoint_every": 3, "pretrain.log_every": 1})
+    recipe = load_recipe(path)
+    with monkeypatch.context() as patch:
+        _interrupt_pretrain_at(10, patch)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe)
+    out_dir = recipe.run_dir / "pretrain"
+    assert read_json(out_dir / "stage.json")["status"] == "interrupted"
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]
+    newest = out_dir / "checkpoints" / "step-0000009" / "model.safetensors"
+    newest.write_bytes(b"\0" * newest.stat().st_size)  # overwritten with garbage, same size
+    with open(out_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 11, "loss": 1.2')  # torn by the crash
+
+    records = run_recipe(recipe)
+    out = capsys.readouterr().out
+    assert "step-0000009 skipped: model.safetensors does not match its checksum" in out
+    assert "resuming from step-0000006 (step 6)" in out
+    assert records["pretrain"]["status"] == "done"
+    assert (out_dir / "checkpoints" / "corrupt-step-0000009").is_dir()
+    steps = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [s for s, line in zip(steps, (out_dir / "metrics.jsonl").read_text().splitlines()) if '"loss"' in line]
+    assert losses == list(range(1, 13))  # every step logged once, the torn line gone
+
+
+def test_sigterm_records_interrupted_and_the_rerun_resumes(write_recipe, cli_env):
+    path = write_recipe("term", {"pretrain.max_steps": 400, "pretrain.checkpoint_every": 5, "pretrain.log_every": 1})
+    run_dir = load_recipe(path).run_dir
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], env=cli_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run_dir / "pretrain" / "checkpoints").glob("step-*")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert "\nstopped by signal SIGTERM; rerun the same command to resume from the newest checkpoint\n" in err
+    record = read_json(run_dir / "pretrain" / "stage.json")
+    assert record["status"] == "interrupted" and record["error"] == "stopped by signal SIGTERM"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "pretrain.max_steps=400"], env=cli_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from step-" in done.stdout
+    assert read_json(run_dir / "pretrain" / "stage.json")["status"] == "done"
