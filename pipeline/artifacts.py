@@ -89,6 +89,28 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_HASHES: dict[tuple, str] = {}
+
+
+def content_hashes(paths: list[str]) -> dict[str, str]:
+    """sha256 of every file a stage reads, by path; a folder (a local base model) by each file in it.
+
+    Hashes are remembered per (path, size, mtime) within the process: a multi-GB base model is read
+    once per command, not once for every stage that names it. Paths that do not exist (hub ids)
+    are left out; the hub id itself is in the stage's config.
+    """
+    out = {}
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            stat = file.stat()
+            key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in _HASHES:
+                _HASHES[key] = file_sha256(file)
+            out[str(file)] = _HASHES[key]
+    return out
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place; an older folder of that name is removed first."""
     if final_dir.exists():

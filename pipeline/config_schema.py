@@ -30,17 +30,19 @@ from pipeline.errors import PipelineError
 
 
 def option(default: Any, doc: str, *, min=None, max=None, min_exclusive=None, max_exclusive=None,
-           finite: bool = True, choices=None, refused: dict | None = None, why: str = "", **kwargs):
+           finite: bool = True, choices=None, refused: dict | None = None, why: str = "", data: bool = False,
+           **kwargs):
     """A dataclass field with its one-line doc and its valid values kept beside it.
 
     min / max: inclusive bounds; min_exclusive / max_exclusive: strict bounds. finite=False lets a float
     field hold NaN or inf (none does). choices: the allowed strings, or a function returning them (called
     only when a value is checked, so a library's list costs nothing until then). refused: choices that
-    exist but cannot be used here, each with the reason. why: said after a range error.
+    exist but cannot be used here, each with the reason. why: said after a range error. data: the field
+    names data files a stage reads (they are checked to exist and hashed into the stage's fingerprint).
     The doc, range and choices are shown by `pipeline check --explain`.
     """
     metadata = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "max_exclusive": max_exclusive,
-                "finite": finite, "choices": choices, "refused": refused or {}, "why": why}
+                "finite": finite, "choices": choices, "refused": refused or {}, "why": why, "data": data}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
@@ -261,3 +263,15 @@ def describe(cls, prefix: str = "") -> list[str]:
 
 def to_dict(obj) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def data_paths(obj) -> list[str]:
+    """Every value of the fields declared with data=True in a built config, nested sections included."""
+    paths: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("data"):
+            paths += value if isinstance(value, list) else [value] if value else []
+        elif dataclasses.is_dataclass(value):
+            paths += data_paths(value)
+    return paths

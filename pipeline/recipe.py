@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from pipeline.config_schema import apply_override, build, closest, option, printable
+from pipeline.config_schema import apply_override, build, closest, data_paths, option, printable
 from pipeline.data.formats import FORMATS
 from pipeline.errors import PipelineError
 
@@ -173,7 +173,7 @@ class ModelConfig:
 class TokenizerConfig:
     """Byte-level BPE trained on the pretraining corpus, saved with a chat template."""
 
-    corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from")
+    corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from", data=True)
     vocab_size: int = option(2048, "vocabulary size including special tokens", min=300, max=1_000_000,
                              why="256 bytes + the special tokens at least; past a million the embeddings alone "
                                  "take gigabytes")
@@ -193,10 +193,10 @@ class TokenizerConfig:
 class PretrainConfig:
     """Train a small causal transformer from scratch with next-token cross-entropy on packed blocks."""
 
-    train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on")
-    eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data")
+    train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on", data=True)
+    eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data", data=True)
     chat_data: list[str] = option([], "conversation files rendered with the chat template and mixed in, "
-                                  "so the chat control tokens are trained")
+                                  "so the chat control tokens are trained", data=True)
     eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty",
                                   min=0, max=0.5)
     model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
@@ -248,10 +248,10 @@ class LoraArgs:
 class SftConfig:
     """Instruction fine-tuning with LoRA on chat data (TRL's SFTTrainer), loss on assistant tokens only."""
 
-    train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)")
+    train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)", data=True)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("conversation"))
-    eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored")
+    eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored", data=True)
     eval_limit: int = option(200, "at most this many held-out conversations are answered before and after", min=0)
     on_bad_record: Literal["error", "drop"] = option("error", "a malformed record stops the stage, or is dropped and counted")
     duplicates: Literal["keep", "drop"] = option("keep", "exact duplicate conversations are kept or dropped (counted either way)")
@@ -278,6 +278,8 @@ class SftConfig:
     logging_steps: int = option(10, "log the training loss every this many steps", min=1)
     save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)", min=1)
     max_new_tokens: int = option(48, "tokens generated per held-out answer", min=1)
+    generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
+                                            "when memory runs out", min=1)
 
     def validate(self, prefix: str) -> None:
         if not self.train_data:
@@ -288,11 +290,11 @@ class SftConfig:
 class DpoConfig:
     """Direct Preference Optimization of the SFT model (TRL's DPOTrainer); the reference is the SFT model."""
 
-    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)")
+    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)", data=True)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("preference"))
-    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins")
-    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate")
+    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins", data=True)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate", data=True)
     eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
     bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
     beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)",
@@ -325,6 +327,8 @@ class DpoConfig:
     stuck_after_steps: int = option(10, "stop loudly if the reward margin is still exactly zero after this many steps",
                                     min=1)
     max_new_tokens: int = option(48, "tokens generated per held-out answer", min=1)
+    generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
+                                            "when memory runs out", min=1)
 
     def validate(self, prefix: str) -> None:
         if not self.train_data:
@@ -344,11 +348,13 @@ class DpoConfig:
 class EvalConfig:
     """Every stage's model side by side on held-out data; by default the files the other stages name."""
 
-    text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)")
-    answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)")
-    preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)")
+    text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)", data=True)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)", data=True)
+    preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)", data=True)
     limit: int = option(200, "at most this many examples of each kind", min=1)
     max_new_tokens: int = option(48, "tokens generated per answer", min=1)
+    generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
+                                            "when memory runs out", min=1)
     kl_prompts: int = option(100, "prompts used for the dpo stage's KL estimate", min=1)
     transcripts: int = option(5, "questions shown with every stage's answer side by side in report.md", min=0)
 
@@ -405,19 +411,19 @@ class Recipe:
         return Path(self.output_dir) / self.name
 
     def data_files(self) -> dict[str, list[str]]:
-        """Data files each stage reads, for `check` and for fingerprints."""
-        files = {}
-        if self.tokenizer:
-            files["tokenizer"] = list(self.tokenizer.corpus)
-        if self.pretrain:
-            files["pretrain"] = [*self.pretrain.train_data, *self.pretrain.chat_data, *self.pretrain.eval_data]
-        if self.sft:
-            files["sft"] = list(self.sft.train_data) + list(self.sft.eval_data)
-        if self.dpo:
-            files["dpo"] = [*self.dpo.train_data, *self.dpo.eval_data, *self.dpo.answer_data]
-        if self.eval:
-            files["eval"] = [*self.eval.text_data, *self.eval.answer_data, *self.eval.preference_data]
-        return files
+        """Data files each stage reads (every field declared with data=True), for `check` and fingerprints."""
+        return {stage: data_paths(getattr(self, stage)) for stage in self.stages}
+
+    def input_paths(self, stage: str) -> list[str]:
+        """Every file or folder whose contents decide a stage's output: its data files, the chat template
+        file the tokenizer stage reads, and a local base model for the stages that load it."""
+        paths = list(self.data_files().get(stage, []))
+        if stage == "tokenizer":
+            template = self.tokenizer.chat_template
+            paths.append(template if Path(template).suffix else str(TEMPLATES_DIR / f"{template}.jinja"))
+        if self.base is not None and stage in ("sft", "dpo", "eval") and Path(self.base.path).exists():
+            paths.append(self.base.path)
+        return paths
 
 
 def read_yaml(path: str | Path) -> dict:

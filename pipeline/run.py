@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline import __version__
-from pipeline.artifacts import atomic_write_json, atomic_write_text, file_sha256, fsync_tree, read_json
+from pipeline.artifacts import atomic_write_json, atomic_write_text, content_hashes, fsync_tree, read_json
 from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
 from pipeline.recipe import Recipe, check_data_files, stage_help
 
@@ -116,7 +116,7 @@ def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[st
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
         "seed": recipe.seed,
         "base": dataclasses.asdict(recipe.base) if recipe.base else None,
-        "data": {path: file_sha256(path) for path in recipe.data_files().get(stage, []) if Path(path).is_file()},
+        "data": content_hashes(recipe.input_paths(stage)),
         "upstream": upstream_fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -254,7 +254,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         "run_id": uuid.uuid4().hex,
         "config": dataclasses.asdict(config),
         "seed": recipe.seed,
-        "data": {p: file_sha256(p) for p in recipe.data_files().get(stage, []) if Path(p).is_file()},
+        "data": content_hashes(recipe.input_paths(stage)),
         "upstream": {name: rec.get("fingerprint") for name, rec in upstream.items()},
         "upstream_runs": {name: rec.get("run_id") for name, rec in upstream.items()},
         "world_size": accelerator.num_processes,

@@ -229,3 +229,52 @@ def test_sigterm_records_interrupted_and_the_rerun_resumes(write_recipe, cli_env
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from step-" in done.stdout
     assert read_json(run_dir / "pretrain" / "stage.json")["status"] == "done"
+
+
+# ---------------------------------------------------------------- the fingerprint sees every input
+
+
+def test_every_file_field_is_declared_as_data():
+    """data_files() is derived from the schema: a new `*_data` field cannot be forgotten by hand."""
+    import dataclasses
+    import typing
+
+    from pipeline.recipe import Recipe
+
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            inner = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+            if inner:
+                yield from walk(inner[0])
+            else:
+                yield cls.__name__, f
+
+    names = [(owner, f.name) for owner, f in walk(Recipe) if f.name.endswith("_data") or f.name == "corpus"]
+    assert len(names) >= 12
+    assert [(o, n) for o, f in walk(Recipe) if (o, f.name) in names and not f.metadata.get("data")] == []
+
+
+def test_an_edited_chat_template_file_or_base_folder_reruns_the_stage(write_recipe, tmp_path):
+    from pipeline.recipe import load_recipe as load
+    from pipeline.run import stage_fingerprint
+
+    template = tmp_path / "mine.jinja"
+    template.write_text((Path(__file__).parents[1] / "pipeline" / "templates" / "chatml.jinja").read_text())
+    path = write_recipe("tpl", {"tokenizer.chat_template": str(template)})
+    before = stage_fingerprint(load(path), "tokenizer", [])
+    template.write_text(template.read_text() + "\n")
+    assert stage_fingerprint(load(path), "tokenizer", []) != before
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    from pipeline.artifacts import content_hashes
+    from pipeline.recipe import BaseModelConfig
+
+    recipe = load(path)
+    recipe.base = BaseModelConfig(path=str(base))
+    assert str(base) in recipe.input_paths("sft") and str(base) not in recipe.input_paths("pretrain")
+    first = content_hashes(recipe.input_paths("sft"))
+    (base / "config.json").write_text('{"changed": true}')
+    assert content_hashes(recipe.input_paths("sft")) != first

@@ -150,12 +150,12 @@ def preference_scores(model, rows: list[dict], beta: float, pad_id: int, with_re
 
 
 def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], max_new_tokens: int, seed: int,
-                      accelerator=None) -> float:
+                      accelerator=None, batch_size: int = 32) -> float:
     """Mean sequence KL(policy || SFT) over replies sampled from the policy."""
     if not prompts:
         return float("nan")
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, seed=seed,
-                               accelerator=accelerator)
+                               batch_size=batch_size, accelerator=accelerator)
     pairs = []
     for prompt, reply in zip(prompts, replies):
         ids = renderer.prompt_ids(prompt)
@@ -181,10 +181,10 @@ def answer_scores(model, tokenizer, records, cfg: DpoConfig, seed: int, accelera
     """Greedy and sampled answers to held-out questions, split across the processes."""
     if not records:
         return {}
-    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed,
-                               accelerator=accelerator)
-    sampled = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens,
-                               do_sample=True, seed=seed, accelerator=accelerator)
+    common = dict(max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.generation_batch_size,
+                  accelerator=accelerator)
+    replies = generate_replies(model, tokenizer, prompts_of(records), **common)
+    sampled = generate_replies(model, tokenizer, prompts_of(records), do_sample=True, **common)
     scores = score_answers(records, replies)
     scores["habit_rate_sampled"] = score_answers(records, sampled)["habit_rate"]
     scores["examples"] = [{"prompt": p[-1]["content"], "reply": r} for p, r in
@@ -285,7 +285,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
                              pad_id).tolist()
     kl_prompts = [p["prompt"] for p in eval_pairs] or prompts_of(answers)
     kl = kl_from_reference(policy, tokenizer, renderer, kl_prompts[: cfg.eval_limit], cfg.max_new_tokens, seed,
-                           accelerator)
+                           accelerator, cfg.generation_batch_size)
     _report(ctx, before, after, kl)
 
     if ctx.is_main:

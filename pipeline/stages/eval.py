@@ -98,7 +98,7 @@ def evaluate_stage(stage: str, stage_dir: Path, sets: dict, cfg: EvalConfig, rec
     replies = []
     if sets["answers"]:
         replies = generate_replies(model, tokenizer, prompts_of(sets["answers"]), max_new_tokens=cfg.max_new_tokens,
-                                   seed=recipe.seed)
+                                   seed=recipe.seed, batch_size=cfg.generation_batch_size)
         metrics.update({k: v for k, v in score_answers(sets["answers"], replies).items() if k != "scored"})
     beta = recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None
     metrics.update(preference_metrics(model, tokenizer, sets["preferences"], beta))
@@ -107,7 +107,7 @@ def evaluate_stage(stage: str, stage_dir: Path, sets: dict, cfg: EvalConfig, rec
 
         prompts = prompts_of(sets["answers"])[: cfg.kl_prompts]
         metrics["kl_from_sft"] = kl_from_reference(model, tokenizer, ChatRenderer(tokenizer), prompts,
-                                                   cfg.max_new_tokens, recipe.seed)
+                                                   cfg.max_new_tokens, recipe.seed, batch_size=cfg.generation_batch_size)
     return metrics, replies
 
 

@@ -149,7 +149,7 @@ def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: 
     if not records:
         return {}
     replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed,
-                               accelerator=accelerator)
+                               batch_size=cfg.generation_batch_size, accelerator=accelerator)
     return {**score_answers(records, replies), "examples": [
         {"prompt": prompts_of([r])[0][-1]["content"], "reply": reply, "answer": r.get("answer")}
         for r, reply in list(zip(records, replies))[:5]
