@@ -16,6 +16,9 @@ from pipeline.config_schema import apply_override, build, closest, data_paths, o
 from pipeline.data.formats import FORMATS
 from pipeline.errors import PipelineError
 
+# AdamW moves every weight by about the learning rate each step, whatever the gradient's size
+LR_WHY = "an AdamW step moves each weight by about the learning rate: above 1 training only destroys the model"
+
 STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -206,7 +209,7 @@ class PretrainConfig:
                                        "micro-batch up to it that splits the global batch is used, accumulation derived",
                                    min=1)
     max_steps: int = option(600, "optimizer steps", min=1)
-    learning_rate: float = option(2e-3, "peak learning rate (AdamW)", min_exclusive=0)
+    learning_rate: float = option(2e-3, "peak learning rate (AdamW)", min_exclusive=0, max=1, why=LR_WHY)
     min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)", min=0, max=1)
     warmup_steps: int = option(30, "linear warmup steps", min=0)
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms and biases)", min=0)
@@ -268,7 +271,7 @@ class SftConfig:
                                       "(small micro-batches bound peak memory at little cost in speed: "
                                       "python -m pipeline.bench)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
-    learning_rate: float = option(1e-3, "peak learning rate", min_exclusive=0)
+    learning_rate: float = option(1e-3, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
     warmup_ratio: float = option(0.05, "share of steps with linear warmup", min=0, max_exclusive=1,
                                  why="transformers reads 1 or more as a number of steps")
     lr_scheduler: str = option("cosine", "transformers scheduler name", choices=LR_SCHEDULERS,
@@ -316,7 +319,7 @@ class DpoConfig:
     micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
                                       "from the global batch and the processes)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
-    learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0)
+    learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
     warmup_ratio: float = option(0.1, "share of steps with linear warmup", min=0, max_exclusive=1,
                                  why="transformers reads 1 or more as a number of steps")
     lr_scheduler: str = option("cosine", "transformers scheduler name", choices=LR_SCHEDULERS,
