@@ -414,7 +414,7 @@ def test_closest_choice_is_suggested(tiny_world, tmp_path, capsys, offline):
 def test_explain_shows_ranges_and_choices(capsys, offline):
     assert main(["check", str(QUICKSTART), "--explain"]) == 0
     out = capsys.readouterr().out
-    assert "pretrain.learning_rate: 0.002  # peak learning rate (AdamW); valid: in (0, 1]\n" in out
+    assert "pretrain.learning_rate: 0.002  # peak learning rate (AdamW); valid: (0, 1]\n" in out
     assert "sft.lora.dropout: 0.0  # dropout on the adapter input; valid: [0, 1)\n" in out
     assert "tokenizer.vocab_size: 2048  # vocabulary size including special tokens; valid: [300, 1000000]\n" in out
     assert "dpo.loss_type: ['sigmoid']  # TRL loss types; several are summed with loss_weights; one of: sigmoid, " in out
