@@ -13,6 +13,7 @@ closes it, so the model learns to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 
@@ -28,6 +29,17 @@ class Rendered:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def load_chat_template(name_or_path: str) -> str:
+    """A template by name (pipeline/templates/<name>.jinja) or by path to a .jinja file."""
+    from pipeline.recipe import TEMPLATES_DIR, chat_template_problem
+
+    problem = chat_template_problem(name_or_path)
+    if problem:
+        raise PipelineError(problem)
+    path = Path(name_or_path) if Path(name_or_path).suffix else TEMPLATES_DIR / f"{name_or_path}.jinja"
+    return path.read_text()
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -51,7 +51,7 @@ def _print_summary(recipe, records) -> None:
 
 def _cmd_check(args) -> int:
     from pipeline.config_schema import describe
-    from pipeline.recipe import Recipe, check_data_files, load_recipe
+    from pipeline.recipe import Recipe, check_base, check_data_files, load_recipe
 
     if args.explain:
         print("\n".join(describe(Recipe)))
@@ -61,8 +61,9 @@ def _cmd_check(args) -> int:
         splits = {n: recipe.batch_splits(n) for n in args.processes}
     except PipelineError as exc:
         raise PipelineError(f"{args.recipe}: {exc}") from None
-    print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages) or '(base model only)'}; "
-          f"outputs in {recipe.run_dir}")
+    print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages)}; outputs in {recipe.run_dir}")
+    if recipe.base is not None:
+        print(f"  base: {recipe.base.path}; chat template: {check_base(recipe.base, args.recipe)}")
     for processes, by_stage in splits.items():
         for stage, split in by_stage.items():
             unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs"}.get(stage, "examples")

@@ -31,14 +31,6 @@ def _portable(path_or_id: str, stage_dir: Path) -> str:
     return str(resolved)
 
 
-def base_load_options(base_cfg) -> dict:
-    """How training loaded a recipe's `base:` model; eval, chat and score must load it the same way."""
-    if base_cfg is None:
-        return {}
-    return {"revision": base_cfg.revision, "trust_remote_code": base_cfg.trust_remote_code,
-            "attn_implementation": base_cfg.attn_implementation}
-
-
 def write_lineage(stage_dir: Path, base: str, adapters: list[Path], base_options: dict | None = None,
                   **extra) -> None:
     atomic_write_json(stage_dir / "lineage.json", {

@@ -1,4 +1,5 @@
-"""Where models come from: built from scratch from a config, or loaded from a hub id / local folder.
+"""Where models come from: built from scratch from a config; a recipe's base (hub id, local folder or
+GGUF file); or a stage's output (a full model folder, or a base plus a chain of LoRA adapters).
 
 Weights are loaded from safetensors only, and remote code only runs when the recipe says so.
 """
@@ -113,66 +114,127 @@ def resolve_dtype(name: str, device_type: str = "cpu") -> torch.dtype:
 
 
 def default_attention(config, requested: str | None) -> str:
-    """The recipe's choice, else eager for Gemma (its logit soft-capping; sdpa is refused on the CPU), else sdpa."""
-    return requested or ("eager" if config.model_type.startswith("gemma") else "sdpa")
+    """The recipe's choice, else eager where the model soft-caps attention logits (Gemma-2: sdpa is
+    refused on the CPU), else sdpa."""
+    return requested or ("eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa")
 
 
-def load_base_model(cfg: BaseModelConfig, device_type: str = "cpu"):
-    """A pretrained causal LM and its tokenizer from a local folder or a hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# ---------------------------------------------------------------- a recipe's `base:` model
 
-    local = Path(cfg.path)
-    if not local.exists() and (cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1):
-        raise PipelineError(f"base.path: no such folder and not a hub id (owner/name): {cfg.path}")
-    source = str(local) if local.exists() else cfg.path
-    revision = None if local.exists() else cfg.revision
+
+def base_source(cfg: BaseModelConfig) -> tuple[str, str]:
+    """(kind, location): ("gguf", file), ("folder", path) or ("hub", id). A path that does not exist
+    and does not look like a hub id is an error naming the key."""
+    path = Path(cfg.path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"base.path: GGUF file not found: {cfg.path}")
+        return "gguf", str(path)
+    if path.is_dir():
+        return "folder", str(path)
+    if path.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
+        raise PipelineError(f"base.path: no such model folder or GGUF file, and not a hub id (owner/name): {cfg.path}")
+    return "hub", cfg.path
+
+
+def _loading(cfg: BaseModelConfig, kind: str, location: str) -> tuple[str, dict]:
+    """(source, from_pretrained keyword arguments) shared by the config, tokenizer and model loads."""
+    if kind == "gguf":
+        file = Path(location)
+        return str(file.parent), {"gguf_file": file.name}
+    return location, {"revision": cfg.revision if kind == "hub" else None, "trust_remote_code": cfg.trust_remote_code}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_base_tokenizer(cfg: BaseModelConfig):
+    from transformers import AutoTokenizer
+
+    kind, location = base_source(cfg)
+    source, kwargs = _loading(cfg, kind, location)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
-        attn = default_attention(config, cfg.attn_implementation)
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"base.path: cannot load the tokenizer of {cfg.path}: {_first_line(exc)}") from None
+
+
+def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None):
+    """The pretrained model a recipe names: hub id, local folder, or GGUF file (dequantized).
+
+    Weights come from safetensors only (or the GGUF file itself); remote code runs only when the
+    recipe says so. A GGUF-loaded model keeps transformers' quantizer object although its weights
+    are plain tensors: it is dropped here so the model saves and trains like any other.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, location = base_source(cfg)
+    source, kwargs = _loading(cfg, kind, location)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source,
-            revision=revision,
-            dtype=resolve_dtype(cfg.dtype, device_type),
-            attn_implementation=attn,
-            use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        offline = " (no network here? set HF_HUB_OFFLINE=1 and use a local folder)" if not local.exists() else ""
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"base.path: cannot load {cfg.path}: {first_line}{offline}") from None
-    return model, tokenizer
+            source, dtype=dtype, attn_implementation=default_attention(config, cfg.attn_implementation),
+            quantization_config=quantization, **({} if kind == "gguf" else {"use_safetensors": True}), **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = " (no network here? set HF_HUB_OFFLINE=1 and use a local folder)" if kind == "hub" else ""
+        raise PipelineError(f"base.path: cannot load {cfg.path}: {_first_line(exc)}{offline}") from None
+    if kind == "gguf":
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    return model
 
 
-def load_stage_model(stage_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A stage's model and tokenizer: a full model folder, or base + chain of adapters from lineage.json.
+# ---------------------------------------------------------------- a stage's model
 
-    Earlier adapters are merged into the weights in order (as training saw them); the last stays a
-    PeftModel, so `disable_adapter()` gives that stage's reference model.
+
+def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, quantization=None,
+                     merge_all: bool = False):
+    """A stage's model and tokenizer: a full model folder, or base + chain of adapters (lineage.json).
+
+    Every later stage, eval, chat and score load through here. The base is loaded exactly as the
+    base stage recorded (revision, remote code, attention, dtype unless `dtype` is given). Earlier
+    adapters are merged into the weights in order, as training saw them; the last stays a
+    PeftModel (so `disable_adapter()` gives that stage's reference), or is merged too with
+    `merge_all` (the model a new adapter is trained on). `quantization` (QLoRA) applies to a
+    chain without adapters only: a 4-bit base cannot take merged adapters.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     stage_dir = Path(stage_dir)
     require_current(stage_dir)
-    if not (stage_dir / "lineage.json").is_file():
-        if not (stage_dir / "config.json").is_file():
-            raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
-        model = AutoModelForCausalLM.from_pretrained(stage_dir, dtype=dtype, use_safetensors=True)
-        return model, AutoTokenizer.from_pretrained(stage_dir)
-    base, adapters, options = read_lineage(stage_dir)
-    # the base exactly as training loaded it: same revision, same remote-code permission, same attention
-    from transformers import AutoConfig
-
-    options = {k: v for k, v in options.items() if v is not None}
+    if not (stage_dir / "lineage.json").is_file() and not (stage_dir / "config.json").is_file():
+        raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
+    base, adapters, options = read_lineage(stage_dir) if (stage_dir / "lineage.json").is_file() \
+        else (str(stage_dir), [], {})
+    if quantization is not None and adapters:
+        raise PipelineError(f"{stage_dir}: a 4-bit base cannot take merged adapters; quantize the first adapter stage only")
+    kwargs = {k: options[k] for k in ("revision", "trust_remote_code") if options.get(k) is not None}
     if Path(base).is_dir():
-        options.pop("revision", None)
-    config = AutoConfig.from_pretrained(base, revision=options.get("revision"),
-                                        trust_remote_code=options.get("trust_remote_code", False))
-    options["attn_implementation"] = default_attention(config, options.get("attn_implementation"))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, **options)
-    for adapter in adapters[:-1]:
+        kwargs.pop("revision", None)
+    if dtype is None:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(options.get("dtype"), torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(base, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, use_safetensors=True, quantization_config=quantization,
+            attn_implementation=default_attention(config, options.get("attn_implementation")), **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"{stage_dir}: cannot load its base {base}: {_first_line(exc)}") from None
+    for adapter in adapters[: None if merge_all else -1]:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model = PeftModel.from_pretrained(model, adapters[-1])
+    if adapters and not merge_all:
+        model = PeftModel.from_pretrained(model, adapters[-1])
     return model, AutoTokenizer.from_pretrained(stage_dir)
+
+
+def lineage_of(stage_dir: Path) -> tuple[str, list[Path], dict]:
+    """(base, adapters, base options) of any model stage; a full model folder is its own base."""
+    if (stage_dir / "lineage.json").is_file():
+        return read_lineage(stage_dir)
+    return str(stage_dir.resolve()), [], {}

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 # AdamW moves every weight by about the learning rate each step, whatever the gradient's size
 LR_WHY = "an AdamW step moves each weight by about the learning rate: above 1 training only destroys the model"
 
-STAGE_ORDER = ("tokenizer", "pretrain", "sft", "dpo", "eval")
+STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "eval")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 # transformers' scheduler names (`transformers.trainer_utils.SchedulerType`, 5.x). Importing transformers takes
@@ -126,7 +126,8 @@ def ceiling_note(split: BatchSplit, micro_ceiling: int) -> str:
 class BaseModelConfig:
     """A pretrained model to fine-tune instead of the tokenizer and pretrain stages."""
 
-    path: str = option("", "hub id (google/gemma-2-2b) or local folder of a transformers model")
+    path: str = option("", "hub id (google/gemma-2-2b), local folder of a transformers model, or a .gguf file "
+                           "(dequantized and imported into the run folder once)")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit); ignored for local folders")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "weights dtype; auto = bfloat16 where the hardware has it, else float32"
@@ -135,10 +136,16 @@ class BaseModelConfig:
         None, "eager | sdpa | flash_attention_2; default: eager for Gemma-2 (logit soft-capping), else sdpa"
     )
     trust_remote_code: bool = option(False, "run Python code shipped with the model (only for sources you trust)")
+    chat_template: Optional[str] = option(None, "our template (name in pipeline/templates/, e.g. gemma, or a .jinja "
+                                          "path) instead of the base tokenizer's own; needed where it has none")
 
     def validate(self, prefix: str) -> None:
         if not self.path:
-            raise PipelineError(f"{prefix}.path: name a hub id or a local model folder")
+            raise PipelineError(f"{prefix}.path: name a hub id, a local model folder or a .gguf file")
+        if self.chat_template and not Path(self.chat_template).suffix:  # a path is checked with the data files
+            problem = chat_template_problem(self.chat_template)
+            if problem:
+                raise PipelineError(f"{prefix}.chat_template: {problem}")
         check_attn_implementation(f"{prefix}.attn_implementation", self.attn_implementation)
 
 
@@ -421,11 +428,12 @@ class Recipe:
         """Every file or folder whose contents decide a stage's output: its data files, the chat template
         file the tokenizer stage reads, and a local base model for the stages that load it."""
         paths = list(self.data_files().get(stage, []))
-        if stage == "tokenizer":
-            template = self.tokenizer.chat_template
+        template = {"tokenizer": self.tokenizer and self.tokenizer.chat_template,
+                    "base": self.base and self.base.chat_template}.get(stage)
+        if template:
             paths.append(template if Path(template).suffix else str(TEMPLATES_DIR / f"{template}.jinja"))
-        if self.base is not None and stage in ("sft", "dpo", "eval") and Path(self.base.path).exists():
-            paths.append(self.base.path)
+        if stage == "base" and Path(self.base.path).expanduser().exists():
+            paths.append(str(Path(self.base.path).expanduser()))
         return paths
 
 
@@ -477,10 +485,54 @@ def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
             hint = missing_path_hint(file)
             if hint is not None:
                 raise PipelineError(f"{source}: {stage}: data file not found: {printable(file)}{hint}")
-    if recipe.tokenizer:
-        problem = chat_template_problem(recipe.tokenizer.chat_template)
+    for key, template in (("tokenizer.chat_template", recipe.tokenizer and recipe.tokenizer.chat_template),
+                          ("base.chat_template", recipe.base and recipe.base.chat_template)):
+        problem = template and chat_template_problem(template)
         if problem:
-            raise PipelineError(f"{source}: tokenizer.chat_template: {problem}")
+            raise PipelineError(f"{source}: {key}: {problem}")
+    if recipe.base is not None:
+        check_base(recipe.base, source)
+
+
+def check_base(cfg: BaseModelConfig, source) -> str:
+    """A local base is there and loadable as far as can be told without loading it (a GGUF file's
+    header: whole, of an architecture transformers loads), and some chat template will apply.
+    Returns which template the run will use."""
+    from pipeline.data.readers import path_kind
+
+    path = Path(cfg.path).expanduser()
+    own = None
+    if path.suffix.lower() == ".gguf":
+        if path_kind(path) != "file":
+            raise PipelineError(f"{source}: base.path: GGUF file not found: {printable(cfg.path)}")
+        from pipeline.gguf_header import check_gguf
+
+        try:
+            own = check_gguf(path).chat_template
+        except PipelineError as exc:
+            raise PipelineError(f"{source}: base.path: {exc}") from None
+        where = "the GGUF file"
+    elif path_kind(path) == "dir":
+        if path_kind(path / "config.json") != "file":
+            raise PipelineError(f"{source}: base.path: {printable(cfg.path)} is not a transformers model folder "
+                                f"(no config.json)")
+        tokenizer_config = path / "tokenizer_config.json"
+        own = (path / "chat_template.jinja").is_file() or (
+            tokenizer_config.is_file() and "chat_template" in tokenizer_config.read_text(errors="replace"))
+        where = "the model folder"
+    elif cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
+        raise PipelineError(f"{source}: base.path: no such model folder or GGUF file, and not a hub id "
+                            f"(owner/name): {printable(cfg.path)}")
+    else:
+        where = "the hub"
+    if cfg.chat_template:
+        return f"ours: {cfg.chat_template} (base.chat_template)"
+    if own:
+        return f"the base tokenizer's own (from {where})"
+    if where == "the hub":
+        return "the base tokenizer's own (checked when the base stage downloads it; name one with base.chat_template)"
+    raise PipelineError(f"{source}: base.chat_template: the base tokenizer ({where}) has no chat template; name one "
+                        f"of ours ({', '.join(builtin_templates())}) or a .jinja file")
 
 
 def stage_help(stage: str) -> str:

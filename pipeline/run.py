@@ -31,6 +31,7 @@ from pipeline.recipe import Recipe, check_data_files, stage_help
 STAGE_MODULES = {
     "tokenizer": "pipeline.stages.tokenizer",
     "pretrain": "pipeline.stages.pretrain",
+    "base": "pipeline.stages.base",
     "sft": "pipeline.stages.sft",
     "dpo": "pipeline.stages.dpo",
     "eval": "pipeline.stages.eval",

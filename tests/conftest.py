@@ -93,7 +93,8 @@ def tiny_tokenizer(tiny_world, tmp_path_factory):
 
     from transformers import AutoTokenizer
 
-    from pipeline.stages.tokenizer import load_chat_template, train_tokenizer
+    from pipeline.chat_template import load_chat_template
+    from pipeline.stages.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (tiny_world / "pretrain.jsonl").read_text().splitlines()]
     out = tmp_path_factory.mktemp("tok")

@@ -43,7 +43,7 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
         "dpo.global_batch_size=4", "dpo.micro_batch_size=2", "dpo.precision=fp32",
     ]
     recipe = load_recipe(REPO / "recipes" / "gemma2-2b.yaml", overrides)
-    assert recipe.base.attn_implementation == "eager" and recipe.stages == ["sft", "dpo"]
+    assert recipe.base.attn_implementation == "eager" and recipe.stages == ["base", "sft", "dpo"]
     records = run_recipe(recipe)
     assert records["sft"]["status"] == "done" and records["dpo"]["status"] == "done"
     assert (tmp_path / "runs" / "gemma2-2b" / "dpo" / "adapter_model.safetensors").is_file()
@@ -56,7 +56,9 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
 
     lineage = read_json(tmp_path / "runs" / "gemma2-2b" / "dpo" / "lineage.json")
     assert lineage["base"] == str(gemma_folder.resolve())  # outside the run folder: kept absolute
-    assert lineage["base_options"] == {"revision": None, "trust_remote_code": False, "attn_implementation": "eager"}
+    assert lineage["adapters"] == ["../sft", "."]
+    assert lineage["base_options"] == {"revision": None, "trust_remote_code": False, "attn_implementation": "eager",
+                                       "dtype": "float32"}
     seen = {}
     original = AutoModelForCausalLM.from_pretrained
 

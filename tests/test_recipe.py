@@ -91,7 +91,7 @@ def test_base_replaces_tokenizer_and_pretrain(tmp_path):
     path = tmp_path / "b.yaml"
     path.write_text("name: b\nbase: some/model\n")
     recipe = load_recipe(path)
-    assert recipe.base.path == "some/model" and recipe.stages == []
+    assert recipe.base.path == "some/model" and recipe.stages == ["base"]
     path.write_text("name: b\nbase: {path: some/model}\ntokenizer: {corpus: [x.txt]}\n")
     with pytest.raises(PipelineError, match="replaces the tokenizer and pretrain"):
         load_recipe(path)

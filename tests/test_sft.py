@@ -115,7 +115,9 @@ def test_gemma2_base_model_path(tiny_world, gemma_folder, tmp_path):
     }))
     records = run_recipe(load_recipe(recipe))
     sft_dir = tmp_path / "runs" / "gemma" / "sft"
-    assert records["sft"]["metrics"]["base"] == str(gemma_folder)
+    assert records["sft"]["metrics"]["base"] == str(tmp_path / "runs" / "gemma" / "base")  # the base stage
+    assert records["base"]["metrics"]["source"] == "folder" and records["base"]["metrics"]["chat_template"] == \
+        "the base tokenizer's own"
     base = AutoModelForCausalLM.from_pretrained(gemma_folder)
     assert base.config._attn_implementation == "eager"
     model = PeftModel.from_pretrained(base, sft_dir)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stages.tokenizer import SPECIAL_TOKENS, load_chat_template
+from pipeline.chat_template import load_chat_template
+from pipeline.stages.tokenizer import SPECIAL_TOKENS
 
 
 @pytest.fixture
@@ -53,5 +54,5 @@ def test_chat_template_marks_assistant_tokens(tokenizer):
 def test_unknown_template_is_a_clear_error():
     from pipeline.errors import PipelineError
 
-    with pytest.raises(PipelineError, match="chat template not found: nosuch"):
+    with pytest.raises(PipelineError, match="no built-in chat template `nosuch`"):
         load_chat_template("nosuch")

@@ -24,10 +24,10 @@ from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.lineage import base_load_options, read_lineage, write_lineage
+from pipeline.lineage import write_lineage
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.logprobs import completion_logps, sequence_kl
-from pipeline.models import count_parameters, lora_config
+from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -106,20 +106,11 @@ class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer)
 
 
 def load_sft_policy(ctx):
-    """Base weights with the SFT adapter merged in (in memory), and the tokenizer the SFT stage saved."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The SFT model with every adapter merged in (in memory), the tokenizer the SFT stage saved,
+    and the SFT stage's folder; TRL adds the fresh DPO adapter on top."""
     sft_dir = ctx.output_of("sft")
-    base_source, _, _ = read_lineage(sft_dir)
-    if ctx.recipe.base is not None:
-        from pipeline.models import load_base_model
-
-        base, _ = load_base_model(ctx.recipe.base, "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_source, dtype=torch.float32, use_safetensors=True)
-    merged = PeftModel.from_pretrained(base, sft_dir).merge_and_unload()
-    return merged, AutoTokenizer.from_pretrained(sft_dir), base_source, sft_dir
+    model, tokenizer = load_stage_model(sft_dir, merge_all=True)
+    return model, tokenizer, sft_dir
 
 
 # ---------------------------------------------------------------- evaluation
@@ -229,7 +220,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     split = split_batch("dpo", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
-    model, tokenizer, base_source, sft_dir = load_sft_policy(ctx)
+    model, tokenizer, sft_dir = load_sft_policy(ctx)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer))
@@ -296,8 +287,9 @@ def run(cfg: DpoConfig, ctx) -> dict:
         generation.eos_token_id = stop_token_ids(tokenizer, renderer)
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(ctx.out_dir)
-        write_lineage(ctx.out_dir, base_source, [Path(sft_dir), ctx.out_dir], base_load_options(ctx.recipe.base),
-                      note="merge the sft adapter into the base, then load the dpo adapter on top")
+        base, adapters, options = lineage_of(sft_dir)
+        write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options,
+                      note="merge the earlier adapters into the base, then load the dpo adapter on top")
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,

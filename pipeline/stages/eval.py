@@ -23,7 +23,7 @@ from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, sco
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
 
-MODEL_STAGES = ("pretrain", "sft", "dpo")
+MODEL_STAGES = ("pretrain", "base", "sft", "dpo")
 
 
 # ---------------------------------------------------------------- data
@@ -174,8 +174,6 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, recipe: Recipe, out_dir: Path, 
             log(f"WARNING: {stage} left out of the comparison: {stale} (pipeline run RECIPE --from {stage})")
             continue
         stages[stage] = run_dir / stage
-    if recipe.base and Path(recipe.base.path).is_dir():  # a local base model is the first column
-        stages = {"base": Path(recipe.base.path), **stages}
     results, replies = {}, {}
     for stage, stage_dir in stages.items():
         log(f"evaluating {stage} ({stage_dir})")

@@ -19,9 +19,9 @@ from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
-from pipeline.lineage import base_load_options, write_lineage
+from pipeline.lineage import write_lineage
 from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
-from pipeline.models import count_parameters, load_base_model, lora_config
+from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
 from pipeline.recipe import SftConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -92,20 +92,16 @@ def prepare_rows(cfg: SftConfig, renderer: ChatRenderer) -> tuple[list[dict], di
 
 
 def load_model_and_tokenizer(ctx, cfg: SftConfig, device_type: str):
-    """The model to adapt: the pretrain stage's output, or the recipe's base model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The model to adapt: the output of the pretrain or base stage (one loader for both), and the
+    lineage that the adapter will extend."""
+    parent = ctx.output_of("base" if ctx.recipe.base is not None else "pretrain")
     quantization = _quantization_config(cfg, device_type)
-    if ctx.recipe.base is not None:
-        if quantization is not None:
-            return _load_quantized(ctx.recipe.base.path, quantization, ctx.recipe.base.trust_remote_code)
-        model, tokenizer = load_base_model(ctx.recipe.base, device_type)
-        return model, tokenizer, ctx.recipe.base.path
-    source = ctx.output_of("pretrain").resolve()
+    model, tokenizer = load_stage_model(parent, quantization=quantization)
     if quantization is not None:
-        return _load_quantized(str(source), quantization, False)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    return model, AutoTokenizer.from_pretrained(source), str(source)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, tokenizer, parent
 
 
 def _quantization_config(cfg: SftConfig, device_type: str):
@@ -120,19 +116,6 @@ def _quantization_config(cfg: SftConfig, device_type: str):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def _load_quantized(source: str, quantization, trust_remote_code: bool):
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    attn = "eager" if config.model_type.startswith("gemma") else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=torch.bfloat16,
-                                                 attn_implementation=attn, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source
 
 
 def attach_lora(model, cfg: SftConfig):
@@ -171,7 +154,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     split = split_batch("sft", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
-    model, tokenizer, base_source = load_model_and_tokenizer(ctx, cfg, device_type)
+    model, tokenizer, parent = load_model_and_tokenizer(ctx, cfg, device_type)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer))
@@ -217,8 +200,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     if after:
         ctx.log(f"held-out after sft: accuracy {after['answer_accuracy']:.3f}, habit {after['habit_rate']:.3f}")
     if ctx.is_main:
-        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, base_source,
-                     base_load_options(ctx.recipe.base))
+        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, parent)
     accelerator.wait_for_everyone()
 
     return {
@@ -239,17 +221,20 @@ def run(cfg: SftConfig, ctx) -> dict:
         "ranks_in_sync": in_sync,
         "heldout_before": before,
         "heldout_after": after,
-        "base": base_source,
+        "base": str(parent),
     }
 
 
-def save_adapter(model, tokenizer, renderer, out_dir: Path, base_source: str, base_options: dict) -> None:
-    """adapter_model.safetensors + adapter_config.json (base recorded), tokenizer, generation config."""
-    model.peft_config["default"].base_model_name_or_path = base_source
+def save_adapter(model, tokenizer, renderer, out_dir: Path, parent: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json, tokenizer, generation config, and the lineage:
+    the parent stage's base and adapters with this adapter on top."""
+    base, adapters, options = lineage_of(parent)
+    # plain peft (AutoPeftModelForCausalLM) reads the base from here; ours reads lineage.json
+    model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     generation = model.generation_config
     generation.eos_token_id = stop_token_ids(tokenizer, renderer)  # stop at the end of the assistant's turn
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out_dir)
-    write_lineage(out_dir, base_source, [out_dir], base_options)
+    write_lineage(out_dir, base, [*adapters, out_dir], options)

@@ -8,29 +8,14 @@ after its role marker, i.e. in the line-start form, which the built-in corpus al
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from pipeline.chat_template import load_chat_template
 from pipeline.data.readers import read_records
-from pipeline.errors import PipelineError
 from pipeline.recipe import TokenizerConfig
-
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 END_OF_TURN = "<|end|>"
 ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_MARKERS, END_OF_TURN]
-
-
-def load_chat_template(name_or_path: str) -> str:
-    """A template by name (pipeline/templates/<name>.jinja) or by path to a .jinja file."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = TEMPLATES_DIR / f"{name_or_path}.jinja"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise PipelineError(f"chat template not found: {name_or_path} (built-in: {known}, or a path to a .jinja file)")
-    return path.read_text()
 
 
 def iter_corpus(files: list[str]):

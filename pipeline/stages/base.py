@@ -1,0 +1,104 @@
+"""base stage: bring the recipe's pretrained model into the run folder, ready for every later stage.
+
+A GGUF file is dequantized once and saved as a plain Hugging Face folder (safetensors in float32,
+the exact dequantized values; no quantization block), and the saved folder's logits are checked
+against the in-memory GGUF load. A hub id or a local folder is not copied: the stage saves the
+tokenizer (with the chat template the run uses) and a lineage.json naming the source and how to
+load it (revision, remote code, attention, dtype), so sft, dpo, eval and chat load it the same way.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+from pipeline.chat_template import ChatRenderer, load_chat_template
+from pipeline.errors import PipelineError
+from pipeline.generation import stop_token_ids
+from pipeline.lineage import write_lineage
+from pipeline.models import base_source, count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
+from pipeline.recipe import BaseModelConfig
+
+PROBE = "The capital of France is Paris. The capital of Italy is"
+
+
+def choose_chat_template(tokenizer, cfg: BaseModelConfig) -> tuple[str, str]:
+    """(template text, where it came from): the recipe's choice, else the tokenizer's own."""
+    if cfg.chat_template:
+        return load_chat_template(cfg.chat_template), f"ours: {cfg.chat_template}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template, "the base tokenizer's own"
+    raise PipelineError("base.chat_template: the base tokenizer has no chat template; name one of ours "
+                        "(e.g. base.chat_template=gemma) or a .jinja file")
+
+
+def mark_control_tokens(tokenizer, template: str) -> list[str]:
+    """Tokens the template writes as markup (<start_of_turn>, <end_of_turn>) that the vocabulary has
+    but does not call special (a GGUF tokenizer keeps them as plain entries): registered as special,
+    ids unchanged, so decoding drops them and user text can never produce them."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens)
+    markup = sorted({m for m in re.findall(r"<[^<>\s{}'\"]+>", template) if m in vocab and m not in special})
+    if markup:
+        tokenizer.add_special_tokens({"additional_special_tokens": markup}, replace_extra_special_tokens=False)
+    return markup
+
+
+@torch.no_grad()
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    ids = torch.tensor([tokenizer(PROBE).input_ids])
+    return model(input_ids=ids, use_cache=False).logits[0].float()
+
+
+def run(cfg: BaseModelConfig, ctx) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, location = base_source(cfg)
+    dtype = resolve_dtype(cfg.dtype, device_type)
+    tokenizer = load_base_tokenizer(cfg)
+    template, template_source = choose_chat_template(tokenizer, cfg)
+    tokenizer.chat_template = template
+    marked = mark_control_tokens(tokenizer, template)
+    renderer = ChatRenderer(tokenizer)
+    ctx.log(f"{kind} base {location}; chat template: {template_source}; end of turn "
+            f"{tokenizer.convert_ids_to_tokens(renderer.end_of_turn)}")
+    options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+               "attn_implementation": cfg.attn_implementation, "dtype": str(dtype).removeprefix("torch.")}
+    metrics = {"source": kind, "location": location, "chat_template": template_source,
+               "control_tokens_marked": marked, "vocab_size": len(tokenizer), "dtype": options["dtype"]}
+
+    if kind == "gguf":
+        # float32: the dequantized values exactly; later stages cast to `dtype` when they load
+        model = load_base_model(cfg, torch.float32) if ctx.is_main else None
+        if ctx.is_main:
+            model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(ctx.out_dir, safe_serialization=True)
+            reloaded = AutoModelForCausalLM.from_pretrained(ctx.out_dir, dtype=torch.float32, use_safetensors=True)
+            difference = (probe_logits(model, tokenizer) - probe_logits(reloaded, tokenizer)).abs().max().item()
+            if difference > 1e-4:
+                raise PipelineError(f"base: the imported folder's logits differ from the GGUF load by {difference}")
+            metrics.update(parameters=count_parameters(model)[1], import_max_logit_difference=difference,
+                           architecture=model.config.model_type)
+            ctx.log(f"imported {metrics['parameters'] / 1e6:.0f}M parameters ({model.config.model_type}) into "
+                    f"{ctx.out_dir}; logits equal the GGUF load (max difference {difference:.1e})")
+            del model, reloaded
+        source = ctx.out_dir
+    else:
+        source = location  # not copied: the lineage names it
+    if ctx.is_main:
+        tokenizer.save_pretrained(ctx.out_dir)
+        if kind != "gguf":
+            from transformers import GenerationConfig
+
+            generation = GenerationConfig(eos_token_id=stop_token_ids(tokenizer, renderer),
+                                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+            generation.save_pretrained(ctx.out_dir)
+        write_lineage(ctx.out_dir, str(source), [], options, note="the base model this run fine-tunes")
+    ctx.accelerator.wait_for_everyone()
+    metrics["import_s"] = round(time.perf_counter() - started, 2)
+    return metrics
