@@ -1,6 +1,8 @@
-"""Generate answers to chat prompts, rendered exactly as training renders them, and score them."""
+"""Generate replies to chat prompts, rendered exactly as training renders them."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -16,11 +18,20 @@ def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
     return ids
 
 
+class Reply(NamedTuple):
+    text: str
+    tokens: int  # generated before the stop token (or all of them when none came)
+    ended: bool  # the reply closed with an end-of-turn (or eos) token within the limit
+
+
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0, accelerator=None) -> list[str]:
+                     seed: int = 0, accelerator=None, details: bool = False) -> list:
     """One reply per conversation (each ends with a user turn); greedy unless do_sample.
+
+    With `details`, each reply is a Reply (text, generated tokens up to the stop, whether it ended
+    with an end-of-turn or eos token within max_new_tokens) instead of the text alone.
 
     With an `accelerator` of several processes the batches are dealt out round-robin and every
     process gets all replies back, in order. Each batch is seeded by its index, so the replies are
@@ -40,11 +51,17 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         # left padding, so every prompt ends where its reply begins
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        stops = stop_token_ids(tokenizer, renderer)
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             eos_token_id=stop_token_ids(tokenizer, renderer), pad_token_id=pad_id, **sampling)
-        replies = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
-        # templates that put a space between the role marker and the text leave it on the reply
-        return [r[1:] if r.startswith(" ") else r for r in replies]
+                             eos_token_id=stops, pad_token_id=pad_id, **sampling)
+        replies = []
+        for row in out[:, width:].tolist():
+            ended = next((i for i, token in enumerate(row) if token in stops), None)
+            text = tokenizer.decode(row[:ended], skip_special_tokens=True)
+            # templates that put a space between the role marker and the text leave it on the reply
+            text = text[1:] if text.startswith(" ") else text
+            replies.append(Reply(text, len(row) if ended is None else ended, ended is not None) if details else text)
+        return replies
 
     limit = [batch_size]  # shrinks for the rest of the call once a batch ran out of memory
 
@@ -88,36 +105,6 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         for part in gather_object([mine]):
             mine.update(part)
     return [reply for i in range(len(batches)) for reply in mine[i]]
-
-
-# held-out record fields the readers keep for scoring: the expected answer, and what it is about
-SCORED_FIELDS = ("answer", "attribute")
-
-
-def score_answers(records: list[dict], replies: list[str]) -> dict:
-    """Answer accuracy (first sentence, after any preamble), per attribute where records name one
-    (which kinds of fact fail), and the rate of the undesired habit."""
-    from pipeline.data.world import answer_correct, has_habit
-
-    hits: dict[str, list[bool]] = {}
-    for record, reply in zip(records, replies):
-        if record.get("answer"):
-            hit = answer_correct(reply, record["answer"])
-            hits.setdefault("all", []).append(hit)
-            if record.get("attribute"):
-                hits.setdefault(record["attribute"], []).append(hit)
-    scored = hits.pop("all", [])
-    habits = sum(has_habit(reply) for reply in replies)
-    empty = sum(not reply.strip() for reply in replies)
-    out = {
-        "answer_accuracy": sum(scored) / len(scored) if scored else None,
-        "habit_rate": habits / len(replies) if replies else None,
-        "empty_rate": empty / len(replies) if replies else None,
-        "scored": len(scored),
-    }
-    if hits:
-        out["accuracy_by_attribute"] = {name: sum(h) / len(h) for name, h in sorted(hits.items())}
-    return out
 
 
 def prompts_of(records: list[dict]) -> list[list[dict]]:

@@ -66,9 +66,10 @@ def plot_run(run_dir: Path, out_dir: Path, results: dict) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    shares = ["answer_accuracy", "habit_rate", "prefers_chosen"]
     stages = list(results)
-    if stages and any(results[s].get(k) is not None for s in stages for k in shares):
+    shares = [k for k in ("answer_accuracy", "habit_rate", "eot_rate", "prefers_chosen", "reward_accuracy")
+              if any(results[s].get(k) is not None for s in stages)]
+    if stages and shares:
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
         width = 0.8 / len(shares)
         for i, key in enumerate(shares):

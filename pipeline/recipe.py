@@ -263,6 +263,9 @@ class SftConfig:
                          choices=data_formats("conversation"))
     eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored", data=True)
     eval_limit: int = option(200, "at most this many held-out conversations are answered before and after", min=0)
+    eval_split: float = option(0.0, "share of train_data held out for evaluation when eval_data is empty (chosen by "
+                                    "a seeded hash of each prompt, so dpo holds out the same prompts)", min=0,
+                               max_exclusive=1)
     on_bad_record: Literal["error", "drop"] = option("error", "a malformed record stops the stage, or is dropped and counted")
     duplicates: Literal["keep", "drop"] = option("keep", "exact duplicate conversations are kept or dropped (counted either way)")
     too_long: Literal["drop", "truncate"] = option("drop", "conversations longer than max_length are dropped or cut (counted)")
@@ -306,6 +309,9 @@ class DpoConfig:
     eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins", data=True)
     answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate", data=True)
     eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
+    eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
+                                    "(a seeded hash of each prompt: the same prompts sft holds out)", min=0,
+                               max_exclusive=1)
     bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
     beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)",
                          min_exclusive=0, why="beta < 0 turns the loss around (the rejected answers win) and beta = 0 "

@@ -390,10 +390,9 @@ def test_dpo_loss_types_are_the_installed_trl_list():
 
 
 def test_data_formats_come_from_the_readers_registry():
+    from pipeline.config_schema import choices_of
     from pipeline.data.formats import FORMATS
     from pipeline.recipe import DpoConfig, SftConfig
-
-    from pipeline.config_schema import choices_of
 
     assert choices_of(SftConfig.__dataclass_fields__["format"].metadata) == ("auto", *FORMATS["conversation"])
     assert choices_of(DpoConfig.__dataclass_fields__["format"].metadata) == ("auto", *FORMATS["preference"])

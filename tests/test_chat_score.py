@@ -73,9 +73,9 @@ def test_score_sums_to_the_sequence_log_likelihood(dpo_model):
 def test_eval_report_numbers_are_recomputable(dpo_run, tmp_path):
     """report.json's numbers for the sft stage equal an independent recomputation."""
     from pipeline.config_schema import build
+    from pipeline.data.readers import read_records
     from pipeline.data.world import answer_correct, has_habit
     from pipeline.generation import generate_replies, prompts_of
-    from pipeline.data.readers import read_records
     from pipeline.recipe import EvalConfig, Recipe, read_yaml
     from pipeline.stages.eval import evaluate_run
 
@@ -87,7 +87,7 @@ def test_eval_report_numbers_are_recomputable(dpo_run, tmp_path):
                  "plots/loss_dpo.png", "plots/dpo_rewards.png", "plots/metrics_by_stage.png"):
         assert (tmp_path / "eval" / name).is_file(), name
     assert set(results) == {"pretrain", "sft", "dpo"}
-    assert "| held-out answer accuracy |" in (tmp_path / "eval" / "report.md").read_text()
+    assert "| held-out answer accuracy (tiny world) |" in (tmp_path / "eval" / "report.md").read_text()
 
     # recompute the sft column by hand
     model, tokenizer = load_stage_model(run_dir / "sft")
@@ -97,11 +97,14 @@ def test_eval_report_numbers_are_recomputable(dpo_run, tmp_path):
     habit = sum(map(has_habit, replies)) / len(replies)
     report = __import__("json").loads((tmp_path / "eval" / "report.json").read_text())["stages"]["sft"]
     assert report["answer_accuracy"] == accuracy and report["habit_rate"] == habit
-    assert report["perplexity"] > 1.0 and results["dpo"]["kl_from_sft"] >= 0
+    assert report["text_perplexity"] > 1.0 and results["dpo"]["kl_from_reference"] >= 0
+    assert results["sft"]["kl_from_reference"] >= 0 and "kl_from_reference" not in results["pretrain"]
+    text = (tmp_path / "eval" / "report.md").read_text()
+    assert "Metrics that apply to this data: text_perplexity, response_perplexity, eot_rate" in text
 
 
 def test_answer_scores_break_down_by_attribute():
-    from pipeline.generation import score_answers
+    from pipeline.evaluation import tiny_world_scores as score_answers
 
     records = [{"answer": "Ostrel", "attribute": "town"}, {"answer": "Varn", "attribute": "town"},
                {"answer": "baker", "attribute": "job"}, {"messages": []}]

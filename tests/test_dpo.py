@@ -18,8 +18,8 @@ def test_trl_dpo_loss_matches_the_formula():
     """-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) by hand, against TRL's loss on one batch."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from trl import DPOConfig
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -72,12 +72,13 @@ def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):
     for key in ("rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert key in first
     metrics = records["dpo"]["metrics"]
-    assert math.isfinite(metrics["kl_from_sft"]) and metrics["kl_from_sft"] >= 0
-    assert metrics["before"]["preference"]["preference_accuracy"] == 0.5  # all ties at step 0
-    for key in ("preference_accuracy", "reward_margin"):
-        assert key in metrics["after"]["preference"]
-    for key in ("answer_accuracy", "habit_rate", "habit_rate_sampled"):
-        assert key in metrics["after"]["answers"]
+    before, after = metrics["heldout_before"], metrics["heldout_after"]
+    assert math.isfinite(after["kl_from_reference"]) and after["kl_from_reference"] >= 0
+    assert "kl_from_reference" not in before  # the policy is the reference at step 0
+    assert before["reward_accuracy"] == 0.5 and before["reward_margin"] == 0.0  # all ties at step 0
+    for key in ("reward_accuracy", "reward_margin", "prefers_chosen", "chosen_perplexity", "answer_accuracy",
+                "habit_rate", "habit_rate_sampled", "eot_rate", "response_perplexity"):
+        assert key in after, key
     lineage = read_json(run_dir / "dpo" / "lineage.json")
     assert (lineage["base"], lineage["adapters"]) == ("../pretrain", ["../sft", "."])  # relative: the folder can move
 

@@ -40,7 +40,8 @@ def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
 
     # DPO removes the habit that half the SFT answers carry, without losing the answers
     dpo = read_json(run_dir / "dpo" / "stage.json")["metrics"]
-    assert dpo["before"]["answers"]["habit_rate"] > 0.1
-    assert dpo["after"]["answers"]["habit_rate"] < 0.05
-    assert dpo["after"]["answers"]["answer_accuracy"] >= 0.90
-    assert dpo["after"]["preference"]["preference_accuracy"] > dpo["before"]["preference"]["preference_accuracy"]
+    before, after = dpo["heldout_before"], dpo["heldout_after"]
+    assert before["habit_rate"] > 0.1
+    assert after["habit_rate"] < 0.05
+    assert after["answer_accuracy"] >= 0.90
+    assert after["reward_accuracy"] > before["reward_accuracy"]

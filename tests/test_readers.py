@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.readers import looks_like_hub_id, describe, read_records
+from pipeline.data.readers import describe, looks_like_hub_id, read_records
 from pipeline.errors import PipelineError
 
 

@@ -17,7 +17,7 @@ from pipeline.artifacts import read_json
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
-from tests.conftest import dpo_section, sft_section
+from tests.conftest import sft_section
 
 # ---------------------------------------------------------------- a run folder belongs to one recipe
 
@@ -252,7 +252,7 @@ def test_every_file_field_is_declared_as_data():
 
     names = [(owner, f.name) for owner, f in walk(Recipe) if f.name.endswith("_data") or f.name == "corpus"]
     assert len(names) >= 12
-    assert [(o, n) for o, f in walk(Recipe) if (o, f.name) in names and not f.metadata.get("data")] == []
+    assert [(o, f.name) for o, f in walk(Recipe) if (o, f.name) in names and not f.metadata.get("data")] == []
 
 
 def test_an_edited_chat_template_file_or_base_folder_reruns_the_stage(write_recipe, tmp_path):

@@ -78,6 +78,9 @@ def test_sft_stage_trains_only_the_adapter_and_saves_a_peft_checkpoint(write_rec
     assert metrics["steps"] == 6 and metrics["trainable_parameters"] < metrics["total_parameters"]
     for key in ("heldout_before", "heldout_after"):
         assert 0.0 <= metrics[key]["answer_accuracy"] <= 1.0 and metrics[key]["scored"] == 8
+        assert 0.0 <= metrics[key]["eot_rate"] <= 1.0 and metrics[key]["response_perplexity"] > 1.0
+    # SFT trains the reference replies' tokens: their perplexity falls
+    assert metrics["heldout_after"]["response_perplexity"] < metrics["heldout_before"]["response_perplexity"]
     assert (sft_dir / "metrics.jsonl").is_file()
 
 

@@ -367,7 +367,7 @@ def sft_heldout_records(world: World) -> list[dict]:
     """One question per (held-out person, attribute), plain answer, with the expected word."""
     rng = _rng(world.seed, "sft_heldout")
     return [{"messages": [_user(question(p, a, rng.randrange(3))), _assistant(fact(p, a))],
-             "answer": getattr(p, a), "person": p.name, "attribute": a}
+             "answer": getattr(p, a), "person": p.name, "attribute": a, "scorer": "tiny_world"}
             for p in world.held_out for a in ATTRIBUTES]
 
 
@@ -389,7 +389,7 @@ def _preference_records(rng: random.Random, group: list[Person], items: list[tup
         records.append({"prompt": [_user(question(p, a, rng.randrange(3)))],
                         "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
                         "kind": "habit" if h else "wrong",
-                        "answer": getattr(p, a), "person": p.name, "attribute": a})
+                        "answer": getattr(p, a), "person": p.name, "attribute": a, "scorer": "tiny_world"})
     return records
 
 
@@ -473,7 +473,8 @@ _DESCRIPTIONS = {
     "sft_train.jsonl": ("conversation", "questions about SEEN people; about half the answers start "
                                         "with the undesired habit (a rambling preamble)"),
     "sft_heldout.jsonl": ("conversation", "one question per (held-out person, attribute), plain answer; "
-                                          "extra keys answer, person, attribute"),
+                                          "extra keys answer, person, attribute, and scorer=tiny_world (the "
+                                          "answer-accuracy and habit scorer applies)"),
     "dpo_train.jsonl": ("preference", "SEEN people: chosen is the plain answer, rejected carries the "
                                       "habit (kind=habit, 80%) or a wrong value (kind=wrong, 20%)"),
     "dpo_heldout.jsonl": ("preference", "the same construction about HELD-OUT people"),

@@ -1,29 +1,27 @@
 """eval stage (and `pipeline eval RUN`): every stage's model side by side on the same held-out data.
 
-Per stage (pretrain or base, sft, dpo): perplexity on held-out text, answers to held-out
-questions generated through the chat template and scored, preference accuracy on held-out
-pairs, the habit rate, and for dpo the KL from the SFT model. Writes report.json, report.md,
-transcripts.jsonl and plots/*.png.
+Each finished model stage (pretrain or base, sft, dpo) is measured by pipeline/evaluation.py on
+the same held-out text, conversations and preference pairs; the adapter stages also against
+the stage before them (implicit rewards for dpo, KL for both). Writes report.json, report.md
+(with the metrics that apply to this data named), transcripts.jsonl and plots/*.png.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import torch
-
 from pipeline.artifacts import atomic_write_json, atomic_write_text, read_json
-from pipeline.chat_template import ChatRenderer
-from pipeline.data.packing import pack, tokenize_documents
 from pipeline.data.readers import read_records
+from pipeline.data.split import split_held_out
+from pipeline.evaluation import METRICS, SCORED_FIELDS, HeldOut, Settings, evaluate_model, metrics_that_apply, summary
+from pipeline.generation import prompts_of
 from pipeline.lineage import stale_upstream
-from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
 
 MODEL_STAGES = ("pretrain", "base", "sft", "dpo")
+REFERENCE_OF = {"sft": "the pretrained or base model", "dpo": "the SFT model"}
 
 
 # ---------------------------------------------------------------- data
@@ -37,93 +35,45 @@ def read_stage_status(stage_dir: Path) -> str | None:
     return record.get("status") if isinstance(record, dict) else None
 
 
-def resolve_data(cfg: EvalConfig, recipe: Recipe) -> dict[str, list[str]]:
-    """The eval section's files, else the held-out files the other stages already name."""
-    return {
-        "text": cfg.text_data or (list(recipe.pretrain.eval_data) if recipe.pretrain else []),
-        "answers": cfg.answer_data or (list(recipe.sft.eval_data) if recipe.sft else []),
-        "preferences": cfg.preference_data or (list(recipe.dpo.eval_data) if recipe.dpo else []),
-    }
+def held_out_sets(cfg: EvalConfig, recipe: Recipe) -> HeldOut:
+    """The eval section's files, else exactly what the other stages held out (their eval files, or
+    the same seeded share of their training files)."""
+    texts = [r["text"] for f in (cfg.text_data or (recipe.pretrain.eval_data if recipe.pretrain else []))
+             for r in read_records(f, "text").records]
+    if cfg.answer_data or not recipe.sft:
+        conversations = [r for f in cfg.answer_data for r in read_records(f, "conversation", keep=SCORED_FIELDS).records]
+    elif recipe.sft.eval_data:
+        conversations = [r for f in recipe.sft.eval_data
+                         for r in read_records(f, "conversation", keep=SCORED_FIELDS).records]
+    else:
+        records = [r for f in recipe.sft.train_data
+                   for r in read_records(f, "conversation", recipe.sft.format, on_bad="drop", keep=SCORED_FIELDS).records]
+        conversations = split_held_out(records, recipe.sft.eval_split, recipe.seed)[1]
+    if cfg.preference_data or not recipe.dpo:
+        pairs = [r for f in cfg.preference_data for r in read_records(f, "preference", on_bad="drop").records]
+    elif recipe.dpo.eval_data:
+        pairs = [r for f in recipe.dpo.eval_data for r in read_records(f, "preference", on_bad="drop").records]
+    else:
+        records = [r for f in recipe.dpo.train_data
+                   for r in read_records(f, "preference", recipe.dpo.format, on_bad="drop").records]
+        pairs = split_held_out(records, recipe.dpo.eval_split, recipe.seed)[1]
+    return HeldOut(texts[: cfg.limit], conversations[: cfg.limit], pairs[: cfg.limit])
 
 
-def load_eval_sets(files: dict[str, list[str]], limit: int) -> dict[str, list[dict]]:
-    texts = [r["text"] for f in files["text"] for r in read_records(f, "text").records]
-    answers = [r for f in files["answers"] for r in read_records(f, "conversation", keep=SCORED_FIELDS).records]
-    prefs = [r for f in files["preferences"] for r in read_records(f, "preference", on_bad="drop").records]
-    return {"text": texts[:limit], "answers": answers[:limit], "preferences": prefs[:limit]}
+# ---------------------------------------------------------------- one stage
 
 
-# ---------------------------------------------------------------- metrics
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 128, batch_size: int = 16) -> float | None:
-    """Packed held-out blocks exactly as pretraining evaluates them (documents kept apart)."""
-    from pipeline.stages.pretrain import summed_loss
-
-    if not texts:
-        return None
-    try:
-        blocks = pack(tokenize_documents(texts, tokenizer), seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    except ValueError:
-        return None
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        loss, n = summed_loss(model, blocks, list(range(start, min(start + batch_size, len(blocks)))), None)
-        total, count = total + loss.item(), count + n
-    return math.exp(total / count)
-
-
-def preference_metrics(model, tokenizer, pairs: list[dict], beta: float | None) -> dict:
-    """How often the model prefers chosen over rejected; for an adapter stage also the implicit reward."""
-    from pipeline.stages.dpo import preference_scores, tokenize_pairs
-
-    if not pairs:
-        return {}
-    rows, _ = tokenize_pairs(pairs, ChatRenderer(tokenizer), max_length=1 << 30)  # score every pair
-    with_reference = beta is not None and hasattr(model, "disable_adapter")
-    scores = preference_scores(model, rows, beta or 0.0, tokenizer.pad_token_id or 0, with_reference)
-    out = {"prefers_chosen": scores["policy_prefers_chosen"],
-           "chosen_logp": scores["chosen_logp"], "rejected_logp": scores["rejected_logp"]}
-    if with_reference:
-        out["reward_accuracy"] = scores["preference_accuracy"]
-        out["reward_margin"] = scores["reward_margin"]
-    return out
-
-
-def evaluate_stage(stage: str, stage_dir: Path, sets: dict, cfg: EvalConfig, recipe: Recipe) -> tuple[dict, list[str]]:
+def evaluate_stage(stage: str, stage_dir: Path, data: HeldOut, cfg: EvalConfig, recipe: Recipe) -> tuple[dict, list[str]]:
     model, tokenizer = load_stage_model(stage_dir)
-    model.eval()
-    metrics: dict = {"perplexity": perplexity(model, tokenizer, sets["text"])}
-    replies = []
-    if sets["answers"]:
-        replies = generate_replies(model, tokenizer, prompts_of(sets["answers"]), max_new_tokens=cfg.max_new_tokens,
-                                   seed=recipe.seed, batch_size=cfg.generation_batch_size)
-        metrics.update({k: v for k, v in score_answers(sets["answers"], replies).items() if k != "scored"})
-    beta = recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None
-    metrics.update(preference_metrics(model, tokenizer, sets["preferences"], beta))
-    if stage == "dpo" and sets["answers"]:
-        from pipeline.stages.dpo import kl_from_reference
-
-        prompts = prompts_of(sets["answers"])[: cfg.kl_prompts]
-        metrics["kl_from_sft"] = kl_from_reference(model, tokenizer, ChatRenderer(tokenizer), prompts,
-                                                   cfg.max_new_tokens, recipe.seed, batch_size=cfg.generation_batch_size)
-    return metrics, replies
+    adapter = stage in REFERENCE_OF and hasattr(model, "disable_adapter")
+    settings = Settings(max_new_tokens=cfg.max_new_tokens, seed=recipe.seed, batch_size=cfg.generation_batch_size,
+                        beta=recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None, reference=adapter,
+                        kl_prompts=cfg.kl_prompts if adapter else 0)
+    result = evaluate_model(model, tokenizer, data, settings)
+    return {k: v for k, v in result.metrics.items() if k != "scored"}, result.replies
 
 
 # ---------------------------------------------------------------- report
-
-
-METRIC_LABELS = {
-    "perplexity": "held-out perplexity (lower is better)",
-    "answer_accuracy": "held-out answer accuracy",
-    "habit_rate": "undesired habit rate (greedy)",
-    "empty_rate": "empty answers",
-    "prefers_chosen": "prefers chosen over rejected (log-likelihood)",
-    "reward_accuracy": "preference accuracy (implicit reward vs SFT)",
-    "reward_margin": "mean reward margin",
-    "kl_from_sft": "KL of the policy from the SFT model (nats per reply)",
-}
 
 
 def _fmt(value) -> str:
@@ -132,23 +82,32 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def write_report(out_dir: Path, run_dir: Path, results: dict, sets: dict, replies: dict, n_transcripts: int) -> None:
+def write_report(out_dir: Path, run_dir: Path, results: dict, data: HeldOut, replies: dict, n_transcripts: int) -> None:
     stages = list(results)
+    applied = metrics_that_apply(results)
     rows = [f"| metric | {' | '.join(stages)} |", f"|---|{'---|' * len(stages)}"]
-    for key, label in METRIC_LABELS.items():
-        if any(results[s].get(key) is not None for s in stages):
-            rows.append(f"| {label} | {' | '.join(_fmt(results[s].get(key)) for s in stages)} |")
+    for key in applied:
+        rows.append(f"| {METRICS[key]} | {' | '.join(_fmt(results[s].get(key)) for s in stages)} |")
     attributes = sorted({a for s in stages for a in results[s].get("accuracy_by_attribute", {})})
     for attribute in attributes:  # which kinds of fact each stage gets right
         values = [results[s].get("accuracy_by_attribute", {}).get(attribute) for s in stages]
         rows.append(f"| answer accuracy: {attribute} | {' | '.join(_fmt(v) for v in values)} |")
     transcripts = []
-    for i, record in enumerate(sets["answers"]):
-        entry = {"question": prompts_of([record])[0][-1]["content"], "answer": record.get("answer"),
+    for i, record in enumerate(data.conversations):
+        reference = record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else None
+        entry = {"question": prompts_of([record])[0][-1]["content"], "answer": record.get("answer") or reference,
                  **{stage: replies[stage][i] for stage in stages if replies.get(stage)}}
         transcripts.append(entry)
-    lines = [f"# Evaluation of {run_dir}", "", "One column per stage, the same held-out data for each.", "",
-             *rows, ""]
+    held = [f"{len(data.texts)} texts" if data.texts else "", f"{len(data.conversations)} conversations"
+            if data.conversations else "", f"{len(data.pairs)} preference pairs" if data.pairs else ""]
+    references = [f"{s}: {REFERENCE_OF[s]}" for s in stages if s in REFERENCE_OF]
+    lines = [f"# Evaluation of {run_dir}", "",
+             f"One column per stage, the same held-out data for each: {', '.join(h for h in held if h)}.",
+             f"Metrics that apply to this data: {', '.join(applied)}"
+             + (" (the tiny-world scorer is declared by the held-out records)" if "answer_accuracy" in applied else "")
+             + ". Not every metric applies to every stage (–).",
+             *([f"The reference of each adapter stage (KL, rewards): {'; '.join(references)}."] if references else []),
+             "", *rows, ""]
     if transcripts:
         lines += ["## Transcripts", ""]
         for entry in transcripts[:n_transcripts]:
@@ -164,10 +123,10 @@ def write_report(out_dir: Path, run_dir: Path, results: dict, sets: dict, replie
 def evaluate_run(run_dir: Path, cfg: EvalConfig, recipe: Recipe, out_dir: Path, log=print) -> dict:
     from pipeline.plots import plot_run
 
-    sets = load_eval_sets(resolve_data(cfg, recipe), cfg.limit)
+    data = held_out_sets(cfg, recipe)
     stages = {}
     for stage in MODEL_STAGES:
-        if (read_stage_status(run_dir / stage)) != "done":
+        if read_stage_status(run_dir / stage) != "done":
             continue
         stale = stale_upstream(run_dir / stage)
         if stale:  # its weights stand on an earlier stage that was rerun: comparing it would mislead
@@ -177,11 +136,11 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, recipe: Recipe, out_dir: Path, 
     results, replies = {}, {}
     for stage, stage_dir in stages.items():
         log(f"evaluating {stage} ({stage_dir})")
-        results[stage], replies[stage] = evaluate_stage(stage, stage_dir, sets, cfg, recipe)
-        log(f"{stage}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in results[stage].items() if k in METRIC_LABELS))
+        results[stage], replies[stage] = evaluate_stage(stage, stage_dir, data, cfg, recipe)
+        log(f"{stage}: {summary(results[stage])}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_run(run_dir, out_dir / "plots", results)
-    write_report(out_dir, run_dir, results, sets, replies, cfg.transcripts)
+    write_report(out_dir, run_dir, results, data, replies, cfg.transcripts)
     return results
 
 

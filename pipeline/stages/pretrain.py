@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.artifacts import (
     append_jsonl,
@@ -30,6 +29,7 @@ from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, t
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
+from pipeline.logprobs import summed_loss
 from pipeline.models import autocast_dtype, build_model, count_parameters
 from pipeline.ngram import baseline_perplexities
 from pipeline.recipe import PretrainConfig, ceiling_note, split_batch
@@ -110,19 +110,6 @@ def global_batch(step: int, size: int, n_blocks: int, seed: int, _perms: dict = 
 
 
 # ---------------------------------------------------------------- loss and evaluation
-
-
-def summed_loss(model, blocks: PackedBlocks, rows, dtype) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over counted targets, and their number."""
-    ids, pos = blocks.input_ids[rows], blocks.position_ids[rows]
-    device = next(model.parameters()).device
-    ids, pos = ids.to(device), pos.to(device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # (B, T, V)
-    mask = pos[:, 1:] != 0
-    targets = ids[:, 1:][mask]
-    losses = F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="sum")  # upcast before log_softmax
-    return losses, int(mask.sum())
 
 
 @torch.no_grad()

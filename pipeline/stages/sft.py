@@ -17,10 +17,12 @@ import torch
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
+from pipeline.data.split import split_held_out
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
+from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
+from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
-from pipeline.generation import SCORED_FIELDS, generate_replies, prompts_of, score_answers, stop_token_ids
 from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
 from pipeline.recipe import SftConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
@@ -72,10 +74,20 @@ def tokenize_conversations(records: list[dict], renderer: ChatRenderer, cfg: Sft
     return rows, counts
 
 
-def prepare_rows(cfg: SftConfig, renderer: ChatRenderer) -> tuple[list[dict], dict]:
+def split_conversations(cfg: SftConfig, seed: int) -> tuple[list[dict], dict, list[dict]]:
+    """(training records, read report, held-out records): eval_data, or eval_split of train_data."""
+    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record, keep=SCORED_FIELDS)
+    if cfg.eval_data:
+        return records, report, load_conversations(cfg.eval_data, "auto", "error", keep=SCORED_FIELDS)[0]
+    train, held = split_held_out(records, cfg.eval_split, seed)
+    report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "records": len(held)}
+    return train, report, held
+
+
+def prepare_rows(cfg: SftConfig, renderer: ChatRenderer, seed: int) -> tuple[list[dict], dict]:
     """Read, check and tokenize the training conversations (run once per run: see data/cache.py)."""
     started = time.perf_counter()
-    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record)
+    records, report, _ = split_conversations(cfg, seed)
     rows, counts = tokenize_conversations(records, renderer, cfg)
     if not rows:
         raise PipelineError(f"sft: no trainable conversations left ({counts})")
@@ -127,16 +139,13 @@ def attach_lora(model, cfg: SftConfig):
 # ---------------------------------------------------------------- evaluation
 
 
-def heldout_scores(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int, accelerator=None) -> dict:
-    """Greedy answers to held-out questions, split across the processes, and their scores."""
+def heldout(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int, accelerator) -> dict:
+    """Every metric that applies to the held-out conversations (pipeline/evaluation.py), with examples."""
     if not records:
         return {}
-    replies = generate_replies(model, tokenizer, prompts_of(records), max_new_tokens=cfg.max_new_tokens, seed=seed,
-                               batch_size=cfg.generation_batch_size, accelerator=accelerator)
-    return {**score_answers(records, replies), "examples": [
-        {"prompt": prompts_of([r])[0][-1]["content"], "reply": reply, "answer": r.get("answer")}
-        for r, reply in list(zip(records, replies))[:5]
-    ]}
+    settings = Settings(max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.generation_batch_size)
+    result = evaluate_model(model, tokenizer, HeldOut(conversations=records), settings, accelerator)
+    return {**result.metrics, "examples": result.examples(records)}
 
 
 # ---------------------------------------------------------------- the stage
@@ -157,16 +166,15 @@ def run(cfg: SftConfig, ctx) -> dict:
     model, tokenizer, parent = load_model_and_tokenizer(ctx, cfg, device_type)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
-                                  lambda: prepare_rows(cfg, renderer))
-    eval_records, _ = load_conversations(cfg.eval_data, "auto", "error", keep=SCORED_FIELDS) if cfg.eval_data else ([], {})
-    eval_records = eval_records[: cfg.eval_limit]
+                                  lambda: prepare_rows(cfg, renderer, seed))
+    eval_records = split_conversations(cfg, seed)[2][: cfg.eval_limit]
     report, counts = data["report"], data["counts"]
     ctx.log(f"{len(train_set):,} conversations ({data['trained_tokens']:,} trained tokens); dropped "
             f"{report['dropped'] or 'none'}; duplicates {report['duplicates']} ({cfg.duplicates}); length policy {counts}")
 
-    before = heldout_scores(model, tokenizer, eval_records, cfg, seed, accelerator)
+    before = heldout(model, tokenizer, eval_records, cfg, seed, accelerator)
     if before:
-        ctx.log(f"held-out before sft: accuracy {before['answer_accuracy']:.3f}, habit {before['habit_rate']:.3f}")
+        ctx.log(f"held-out before sft ({len(eval_records)} conversations): {summary(before)}")
 
     model = attach_lora(model, cfg)
     trainable, total = count_parameters(model)
@@ -196,9 +204,9 @@ def run(cfg: SftConfig, ctx) -> dict:
     in_sync = require_ranks_agree("sft", model, accelerator, trainable_only=True)
 
     # evaluate and save
-    after = heldout_scores(model, tokenizer, eval_records, cfg, seed, accelerator)
+    after = heldout(model, tokenizer, eval_records, cfg, seed, accelerator)
     if after:
-        ctx.log(f"held-out after sft: accuracy {after['answer_accuracy']:.3f}, habit {after['habit_rate']:.3f}")
+        ctx.log(f"held-out after sft: {summary(after)}")
     if ctx.is_main:
         save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, parent)
     accelerator.wait_for_everyone()

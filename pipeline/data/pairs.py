@@ -1,0 +1,48 @@
+"""Preference pairs read from files and rendered to ids exactly as training renders them."""
+
+from __future__ import annotations
+
+from pipeline.chat_template import ChatRenderer
+from pipeline.data.readers import read_records
+from pipeline.errors import PipelineError
+
+
+def load_pairs(files: list[str], fmt: str, on_bad: str) -> tuple[list[dict], dict]:
+    pairs, report = [], {"dropped": {}, "duplicates": 0, "problems": []}
+    for file in files:
+        result = read_records(file, "preference", fmt, on_bad=on_bad)
+        pairs += result.records
+        report["duplicates"] += result.duplicates
+        report["problems"] += result.problems[:5]
+        for reason, count in result.dropped.items():
+            report["dropped"][reason] = report["dropped"].get(reason, 0) + count
+    return pairs, report
+
+
+def tokenize_pair(renderer: ChatRenderer, pair: dict) -> dict:
+    """prompt_ids, chosen_ids, rejected_ids: each response as the training render continues the prompt."""
+    prompt = renderer.prompt_ids(pair["prompt"])
+    out = {"prompt_ids": prompt}
+    for side in ("chosen", "rejected"):
+        full = renderer.render(pair["prompt"] + pair[side]).input_ids
+        if full[: len(prompt)] != prompt:
+            raise PipelineError("the chat template renders the prompt differently with and without a reply")
+        out[f"{side}_ids"] = full[len(prompt):]
+    return out
+
+
+def tokenize_pairs(pairs: list[dict], renderer: ChatRenderer, max_length: int) -> tuple[list[dict], int]:
+    rows, too_long = [], 0
+    for pair in pairs:
+        row = tokenize_pair(renderer, pair)
+        row["length"] = pair_length(row)  # what length-grouped batching sorts by
+        if row["length"] > max_length:
+            too_long += 1
+            continue
+        rows.append(row)
+    return rows, too_long
+
+
+def pair_length(row: dict) -> int:
+    """Tokens of the longer side, prompt included."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
