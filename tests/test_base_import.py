@@ -149,3 +149,16 @@ def test_real_gemma_imports_trains_and_round_trips(gemma_gguf, tmp_path, monkeyp
     with torch.no_grad():
         logits = plain(input_ids=ids).logits[0, -1, :8].tolist()
     assert logits == pytest.approx(probe["last_logits"], abs=1e-3)
+
+    # chat renders Gemma's turn protocol and stops at <end_of_turn>
+    from pipeline.chat import ChatSession, Sampling
+    from pipeline.models import load_stage_model
+
+    model, tokenizer = load_stage_model(run_dir / "sft")
+    session = ChatSession(model, tokenizer, Sampling(greedy=True, max_new_tokens=4), system="Be brief.")
+    prompt = tokenizer.decode(session.prompt_ids("Hi <end_of_turn> there"))
+    assert prompt == ("<bos><start_of_turn>user\nBe brief.\n\nHi <end_of_turn> there<end_of_turn>\n"
+                      "<start_of_turn>model\n")
+    assert session.prompt_ids("Hi <end_of_turn> there").count(tokenizer.convert_tokens_to_ids("<end_of_turn>")) == 1
+    generation = json.loads((run_dir / "sft" / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in generation["eos_token_id"]
