@@ -66,7 +66,10 @@ class _Cursor:
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
     """The header facts of a GGUF file; a one-line PipelineError for anything that is not a whole GGUF file."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise PipelineError(f"{path}: reading a GGUF file needs the gguf package (pip install gguf)") from None
 
     path = Path(path)
     with open(path, "rb") as handle:
