@@ -122,21 +122,6 @@ def default_attention(config, requested: str | None) -> str:
 # ---------------------------------------------------------------- a recipe's `base:` model
 
 
-def base_source(cfg: BaseModelConfig) -> tuple[str, str]:
-    """(kind, location): ("gguf", file), ("folder", path) or ("hub", id). A path that does not exist
-    and does not look like a hub id is an error naming the key."""
-    path = Path(cfg.path).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise PipelineError(f"base.path: GGUF file not found: {cfg.path}")
-        return "gguf", str(path)
-    if path.is_dir():
-        return "folder", str(path)
-    if path.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
-        raise PipelineError(f"base.path: no such model folder or GGUF file, and not a hub id (owner/name): {cfg.path}")
-    return "hub", cfg.path
-
-
 def _loading(cfg: BaseModelConfig, kind: str, location: str) -> tuple[str, dict]:
     """(source, from_pretrained keyword arguments) shared by the config, tokenizer and model loads."""
     if kind == "gguf":
@@ -153,7 +138,7 @@ def _first_line(exc: BaseException) -> str:
 def load_base_tokenizer(cfg: BaseModelConfig):
     from transformers import AutoTokenizer
 
-    kind, location = base_source(cfg)
+    kind, location = cfg.source()
     source, kwargs = _loading(cfg, kind, location)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
@@ -170,7 +155,7 @@ def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None)
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kind, location = base_source(cfg)
+    kind, location = cfg.source()
     source, kwargs = _loading(cfg, kind, location)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)

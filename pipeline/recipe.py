@@ -139,6 +139,24 @@ class BaseModelConfig:
     chat_template: Optional[str] = option(None, "our template (name in pipeline/templates/, e.g. gemma, or a .jinja "
                                           "path) instead of the base tokenizer's own; needed where it has none")
 
+    def source(self) -> tuple[str, str]:
+        """(kind, location): ("gguf", file), ("folder", path) or ("hub", id), the one rule for check,
+        the base stage and the loaders. A path that does not exist and is not shaped like a hub id
+        is an error naming the key."""
+        from pipeline.data.readers import path_kind
+
+        path = Path(self.path).expanduser()
+        if path.suffix.lower() == ".gguf":
+            if path_kind(path) != "file":
+                raise PipelineError(f"base.path: GGUF file not found: {printable(self.path)}")
+            return "gguf", str(path)
+        if path_kind(path) == "dir":
+            return "folder", str(path)
+        if path_kind(path) is not None or self.path.startswith((".", "/", "~")) or self.path.count("/") != 1:
+            raise PipelineError(f"base.path: no such model folder or GGUF file, and not a hub id (owner/name): "
+                                f"{printable(self.path)}")
+        return "hub", self.path
+
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise PipelineError(f"{prefix}.path: name a hub id, a local model folder or a .gguf file")
@@ -506,11 +524,12 @@ def check_base(cfg: BaseModelConfig, source) -> str:
     Returns which template the run will use."""
     from pipeline.data.readers import path_kind
 
-    path = Path(cfg.path).expanduser()
-    own = None
-    if path.suffix.lower() == ".gguf":
-        if path_kind(path) != "file":
-            raise PipelineError(f"{source}: base.path: GGUF file not found: {printable(cfg.path)}")
+    try:
+        kind, location = cfg.source()
+    except PipelineError as exc:
+        raise PipelineError(f"{source}: {exc}") from None
+    path, own = Path(location), None
+    if kind == "gguf":
         from pipeline.gguf_header import check_gguf
 
         try:
@@ -518,7 +537,7 @@ def check_base(cfg: BaseModelConfig, source) -> str:
         except PipelineError as exc:
             raise PipelineError(f"{source}: base.path: {exc}") from None
         where = "the GGUF file"
-    elif path_kind(path) == "dir":
+    elif kind == "folder":
         if path_kind(path / "config.json") != "file":
             raise PipelineError(f"{source}: base.path: {printable(cfg.path)} is not a transformers model folder "
                                 f"(no config.json)")
@@ -526,9 +545,6 @@ def check_base(cfg: BaseModelConfig, source) -> str:
         own = (path / "chat_template.jinja").is_file() or (
             tokenizer_config.is_file() and "chat_template" in tokenizer_config.read_text(errors="replace"))
         where = "the model folder"
-    elif cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
-        raise PipelineError(f"{source}: base.path: no such model folder or GGUF file, and not a hub id "
-                            f"(owner/name): {printable(cfg.path)}")
     else:
         where = "the hub"
     if cfg.chat_template:

@@ -18,7 +18,7 @@ from pipeline.chat_template import ChatRenderer, load_chat_template
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
-from pipeline.models import base_source, count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
+from pipeline.models import count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
 from pipeline.recipe import BaseModelConfig
 
 PROBE = "The capital of France is Paris. The capital of Italy is"
@@ -57,7 +57,7 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
 
     started = time.perf_counter()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, location = base_source(cfg)
+    kind, location = cfg.source()
     dtype = resolve_dtype(cfg.dtype, device_type)
     tokenizer = load_base_tokenizer(cfg)
     template, template_source = choose_chat_template(tokenizer, cfg)
