@@ -10,6 +10,13 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from pipeline.chat_template import ChatRenderer
 from pipeline.generation import stop_token_ids
@@ -26,10 +33,57 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
-    def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-        return dict(do_sample=True, temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+
+class SeededSampler(LogitsProcessor):
+    """Draw the next token with a generator of its own, so generations running side by side (pipeline serve)
+    never share random state, and a seed alone decides a reply.
+
+    generate() runs greedy and this processor, its last, leaves only the drawn token standing. The maths is
+    generate()'s own sampling (temperature, then top-k, then top-p, then one multinomial draw), and a fresh
+    generator seeded with s draws what torch.manual_seed(s) would: the replies are those of
+    generate(do_sample=True) after torch.manual_seed(seed) (tests/test_serve.py checks it on CPU).
+    """
+
+    def __init__(self, sampling: Sampling):
+        self.warpers = LogitsProcessorList()
+        if sampling.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.seed = sampling.seed
+        self.generator = None  # made on the logits' device at the first token
+
+    def __call__(self, input_ids, scores):
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = self.warpers(input_ids, scores).softmax(dim=-1)  # (B, V)
+        drawn = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, renderer: ChatRenderer, prompt_ids: list[int], sampling: Sampling,
+                 streamer=None, stopping_criteria=None) -> list[int]:
+    """The reply's token ids after `prompt_ids`, up to and including the stop token when one came.
+
+    chat and serve both generate here, so a greedy reply is the same from either."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    processors = LogitsProcessorList([] if sampling.greedy else [SeededSampler(sampling)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                         eos_token_id=stop_token_ids(tokenizer, renderer),
+                         pad_token_id=tokenizer.pad_token_id or renderer.end_of_turn,
+                         do_sample=False, temperature=None, top_k=None, top_p=None, logits_processor=processors,
+                         streamer=streamer, stopping_criteria=stopping_criteria)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    # templates that put a space between the role marker and the text leave it on the reply
+    return text[1:] if text.startswith(" ") else text
 
 
 @dataclass
@@ -51,18 +105,11 @@ class ChatSession:
         """The ids the model continues: the same render as training, ending at the assistant marker."""
         return self.renderer.prompt_ids(self.messages() + [{"role": "user", "content": user_text}])
 
-    @torch.no_grad()
     def reply(self, user_text: str, stream=None) -> str:
-        ids = torch.tensor([self.prompt_ids(user_text)], device=next(self.model.parameters()).device)
-        torch.manual_seed(self.sampling.seed)
         streamer = _Streamer(self.tokenizer, stream) if stream is not None else None
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=self.sampling.max_new_tokens,
-                                  eos_token_id=stop_token_ids(self.tokenizer, self.renderer),
-                                  pad_token_id=self.tokenizer.pad_token_id or self.renderer.end_of_turn,
-                                  streamer=streamer, **self.sampling.generate_kwargs())
-        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        text = text[1:] if text.startswith(" ") else text
+        ids = generate_ids(self.model, self.tokenizer, self.renderer, self.prompt_ids(user_text), self.sampling,
+                           streamer=streamer)
+        text = decode_reply(self.tokenizer, ids)
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         return text
 

@@ -15,7 +15,9 @@ EXAMPLES = """examples:
   pipeline data generate --out data/tiny_world --seed 0          regenerate the built-in data
   pipeline eval runs/quickstart                                   every stage side by side: report.md, plots
   pipeline chat runs/quickstart/dpo --greedy                     talk to a stage's model
+  pipeline serve runs/quickstart --port 8000                     OpenAI-style API; / compares two stages
   pipeline score runs/quickstart/pretrain "Nozan lives in Fennick." "Nozan lives in Varn."
+  pipeline export runs/quickstart/dpo exports/quickstart-dpo      one merged model folder for other tools
   pipeline data check data/my_chats.jsonl --tokenizer runs/quickstart/tokenizer   audit a data file
 """
 
@@ -141,6 +143,16 @@ def _cmd_chat(args) -> int:
     return run_chat([args.path, *([args.compare] if args.compare else [])], sampling, args.system)
 
 
+def _cmd_serve(args) -> int:
+    import os
+
+    from pipeline.serve.app import serve
+    from pipeline.warnings_filter import quiet_known_noise
+
+    quiet_known_noise()
+    return serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PIPELINE_API_KEY"))
+
+
 def _cmd_eval(args) -> int:
     from pathlib import Path
 
@@ -169,6 +181,17 @@ def _cmd_score(args) -> int:
 
     model, tokenizer = load_stage_model(args.path)
     print(format_scores(score_sentences(model, tokenizer, args.texts)))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pipeline.export import export_stage
+    from pipeline.warnings_filter import quiet_known_noise
+
+    quiet_known_noise()
+    out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only)
+    print(f"exported {args.stage} to {out}" + (" (adapter; the model it stands on in parent/)" if args.adapter_only
+                                                else ""))
     return 0
 
 
@@ -227,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     chat.set_defaults(func=_cmd_chat)
 
+    serve = verbs.add_parser("serve", help="a run's stages behind an OpenAI-compatible API, and a page comparing two",
+                             description="Serve every finished model stage of RUN (pretrain or base, sft, dpo) as a "
+                             "model of an OpenAI-compatible API (GET /v1/models, POST /v1/chat/completions, streaming "
+                             "too), and at / a page that streams two stages' replies side by side. Models load on "
+                             "first use and stay loaded.")
+    serve.add_argument("run", help="a run folder, e.g. runs/quickstart")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PIPELINE_API_KEY, else none)")
+    serve.set_defaults(func=_cmd_serve)
+
     evaluate = verbs.add_parser("eval", help="evaluate every stage of a run side by side (report, plots)",
                                 description="Evaluate each finished stage of RUN (pretrain or base, sft, dpo) on "
                                 "the same held-out data: perplexity, answer accuracy, habit rate, preference "
@@ -243,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("path", help="a stage folder, e.g. runs/quickstart/pretrain")
     score.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to score")
     score.set_defaults(func=_cmd_score)
+
+    export = verbs.add_parser("export", help="write a stage's model as one folder that plain transformers loads",
+                              description="Merge RUN/STAGE's whole adapter chain (base, then each adapter in order) "
+                              "into one model folder: model.safetensors, tokenizer with its chat template, "
+                              "generation_config.json that stops at the end-of-turn token, and README.md stating "
+                              "the lineage, data and metrics of every stage. AutoModelForCausalLM.from_pretrained(OUT) "
+                              "loads it; no adapters, no code of ours. OUT must be new or empty; it is written under "
+                              "a temporary name and renamed, so a crash leaves nothing half-written.")
+    export.add_argument("stage", metavar="RUN/STAGE", help="a finished model stage, e.g. runs/quickstart/dpo")
+    export.add_argument("out", metavar="OUT", help="a new (or empty) folder to write")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: the dtype the run loads the model in: the base stage's "
+                        "recorded dtype, float32 for a model pretrained here)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="keep the stage's own adapter unmerged (OUT: adapter_config.json, "
+                        "adapter_model.safetensors) and write the model it was trained on (the base with every "
+                        "earlier adapter merged) to OUT/parent, which the adapter's base_model_name_or_path names "
+                        "(an absolute path); parent is written even for a single adapter, so OUT is self-contained")
+    export.set_defaults(func=_cmd_export)
 
     data = verbs.add_parser("data", help="built-in data and data audits")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")

@@ -1,0 +1,171 @@
+"""`pipeline export`: a stage's model as one folder that other tools load without this package.
+
+The adapter chain is rebuilt by the loader training, eval and chat use (models.load_stage_model),
+so the exported weights are the ones those saw. Two layouts:
+
+- merged (default): base + every adapter merged, saved as a plain transformers folder
+  (config.json, model.safetensors, tokenizer with its chat template, generation_config.json that
+  stops at the end-of-turn token, README.md). `AutoModelForCausalLM.from_pretrained(OUT)` loads it.
+- adapter only: the stage's own adapter, byte for byte, plus the model it was trained on top of
+  (base + earlier adapters merged) in OUT/parent/. The adapter's base_model_name_or_path names
+  OUT/parent, which is the truth: the dpo adapter was trained on sft-merged weights, not on the base.
+
+OUT is built in a sibling folder and renamed into place, so a crash never leaves half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.artifacts import atomic_write_text, fsync_tree, read_json
+from pipeline.chat_template import ChatRenderer
+from pipeline.errors import PipelineError
+from pipeline.generation import stop_token_ids
+from pipeline.models import lineage_of, load_stage_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_MODEL = ("tokenizer", "eval")  # stages whose folder holds no model
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = None, adapter_only: bool = False) -> Path:
+    """Write the stage's model to `out` (see the module doc); `dtype` None keeps the dtype the run loads it in."""
+    stage_dir, out = Path(stage_dir), Path(out)
+    record = finished_model_stage(stage_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PipelineError(f"{out} already exists and is not empty; give a new folder (nothing is overwritten)")
+    base, adapters, _ = lineage_of(stage_dir)
+    if adapter_only and not adapters:
+        raise PipelineError(f"{stage_dir}: stage {record['stage']} is a full model with no adapter; "
+                            "export it without --adapter-only")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if adapter_only:
+            # the last adapter stays a PeftModel; unload() takes its layers out unmerged, leaving its parent
+            model, tokenizer = load_stage_model(stage_dir, dtype=DTYPES.get(dtype))
+            _save_full(model.unload(), tokenizer, tmp / "parent")
+            config = json.loads((adapters[-1] / "adapter_config.json").read_text())
+            # an absolute path: peft resolves it from the working directory, not from the adapter folder
+            config["base_model_name_or_path"] = str(out.resolve() / "parent")
+            config["revision"] = None
+            atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+            shutil.copyfile(adapters[-1] / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+            tokenizer.save_pretrained(tmp)  # the chat template travels with the adapter too
+        else:
+            model, tokenizer = load_stage_model(stage_dir, dtype=DTYPES.get(dtype), merge_all=True)
+            _save_full(model, tokenizer, tmp)
+        card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only)
+        atomic_write_text(tmp / "README.md", card)
+        fsync_tree(tmp)
+        try:
+            os.replace(tmp, out)  # replaces an empty folder; refuses one that filled up meanwhile
+        except OSError as exc:
+            raise PipelineError(f"cannot move the export into {out}: {exc.strerror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def finished_model_stage(stage_dir: Path) -> dict:
+    """The stage.json of a finished stage that holds a model; anything else is refused in one line."""
+    if not stage_dir.is_dir():
+        raise PipelineError(f"{stage_dir}: no such stage folder; give RUN/STAGE, e.g. runs/quickstart/dpo")
+    try:
+        record = read_json(stage_dir / "stage.json")
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{stage_dir / 'stage.json'}: corrupt (not JSON); rerun that stage") from None
+    if not isinstance(record, dict):
+        raise PipelineError(f"{stage_dir}: not a stage folder (no stage.json); give RUN/STAGE, "
+                            "e.g. runs/quickstart/dpo")
+    record.setdefault("stage", stage_dir.name)
+    name = record["stage"]
+    if name in NO_MODEL:
+        raise PipelineError(f"{stage_dir}: the {name} stage holds no model; export a model stage "
+                            "(pretrain, base, sft or dpo)")
+    if record.get("status") != "done":
+        raise PipelineError(f"{stage_dir}: stage {name} is not finished (status {record.get('status')}); "
+                            "finish it first: pipeline run RECIPE")
+    if not (stage_dir / "lineage.json").is_file() and not (stage_dir / "config.json").is_file():
+        raise PipelineError(f"{stage_dir}: stage {name} holds no model (no config.json or lineage.json)")
+    return record
+
+
+def _save_full(model, tokenizer, folder: Path) -> None:
+    """A plain transformers folder: safetensors, tokenizer and chat template, eos = end of turn."""
+    if getattr(model.config, "quantization_config", None):
+        raise PipelineError("the model is quantized; adapters cannot be merged into it for a plain export")
+    # (other tools stop at generation_config's eos; the renderer knows which token closes a turn)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, ChatRenderer(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- model card
+
+
+def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool) -> str:
+    """README.md: where the weights come from (base, adapters in order), and each stage's data and metrics."""
+    run_dir = stage_dir.resolve().parent
+    hub_base = not Path(base).exists()
+    name = record["stage"]
+    base_line = f"`{base}` (hub)" if hub_base else _in_run(Path(base), run_dir)
+    chain = " -> ".join([base_line, *(f"adapter `{a.name}`" for a in adapters)])
+    lines = ["---", "library_name: " + ("peft" if adapter_only else "transformers"),
+             *([f"base_model: {base}"] if hub_base else []), "tags:", "  - pipeline-export", "---", "",
+             f"# {run_dir.name}/{name}", "",
+             f"Exported by `pipeline export` from `{stage_dir.resolve()}`, dtype {dtype}.", "",
+             "## Lineage", "", f"{chain}", ""]
+    if adapter_only:
+        lines += ["This folder holds the last adapter only. `parent/` is the model it was trained on: the base "
+                  "with every earlier adapter merged in.", "",
+                  "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                  'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("OUT/parent"), "OUT")',
+                  "```", ""]
+    else:
+        lines += ["Every adapter is merged: the folder loads with transformers alone.", "",
+                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  'model = AutoModelForCausalLM.from_pretrained("OUT")',
+                  'tokenizer = AutoTokenizer.from_pretrained("OUT")  # with its chat template', "```", "",
+                  "`generation_config.json` stops at the end-of-turn token.", ""]
+    lines += ["## Stages", ""]
+    for stage in [*(record.get("upstream") or {}), name]:
+        stage_record = record if stage == name else read_json(run_dir / stage / "stage.json") or {}
+        lines += _stage_section(stage, stage_record)
+    return "\n".join(lines)
+
+
+def _in_run(path: Path, run_dir: Path) -> str:
+    path = path.resolve()
+    return f"stage `{path.name}` of this run" if path.parent == run_dir else f"`{path}`"
+
+
+def _stage_section(stage: str, record: dict) -> list[str]:
+    lines = [f"### {stage}", "", f"- run id `{record.get('run_id')}`, finished {record.get('finished_at')}, "
+             f"fingerprint `{record.get('fingerprint')}`"]
+    for path, digest in (record.get("data") or {}).items():
+        lines.append(f"- data: `{path}` (sha256 {str(digest)[:12]})")
+    metrics = record.get("metrics") or {}
+    scalars = _scalars(metrics)
+    if scalars:
+        lines.append(f"- metrics: {scalars}")
+    for key in ("heldout_before", "heldout_after"):
+        if isinstance(metrics.get(key), dict):
+            lines.append(f"- {key.replace('_', ' ')}: {_scalars(metrics[key])}")
+    return lines + [""]
+
+
+def _scalars(metrics: dict) -> str:
+    """The numbers and words of a metrics dict, one line; nested records (examples, per-file counts) left out."""
+    def show(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{k} {show(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str, bool)))

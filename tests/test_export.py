@@ -1,0 +1,214 @@
+"""`pipeline export`: the merged folder gives the adapter chain's logits and loads with plain transformers.
+
+Equality is checked in fp32 on held-out conversations (the tiny world's sft_heldout.jsonl, rendered
+as training renders them) with max |exported - chain| < 1e-4: merging W + (alpha/r) B A into W
+changes only the order of the additions, so the two differ by float32 rounding (~1e-6 here).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+
+TOLERANCE = 1e-4
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "lineage.json")
+
+# Run in a fresh interpreter: imports transformers and torch only, and says so.
+PLAIN_LOAD = """
+import json, sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM
+out, ids = Path(sys.argv[1]), json.loads(sys.argv[2])
+assert not [n for n in {peft} if (out / n).exists()], "adapter files in a merged export"
+config = json.loads((out / "config.json").read_text())
+assert "quantization_config" not in config
+model = AutoModelForCausalLM.from_pretrained(out).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([ids])).logits
+assert not [m for m in sys.modules if m.split(".")[0] == "pipeline"], "our package was imported"
+print(json.dumps({{"sum": logits.double().sum().item(), "last": logits[0, -1, :8].tolist()}}))
+""".format(peft=repr(PEFT_FILES))
+
+
+@pytest.fixture(scope="module")
+def base_run(gemma_folder, tiny_world, tmp_path_factory) -> Path:
+    """`base:` (a tiny Gemma-2 folder) -> sft -> dpo, two steps each."""
+    from pipeline.recipe import load_recipe
+    from pipeline.run import run_recipe
+
+    from .conftest import dpo_section, sft_section
+
+    tmp = tmp_path_factory.mktemp("export_base")
+    path = tmp / "base.yaml"
+    path.write_text(json.dumps({
+        "name": "b", "output_dir": str(tmp / "runs"), "seed": 0,
+        "base": {"path": str(gemma_folder), "dtype": "float32"},
+        "sft": sft_section(tiny_world, max_steps=2, eval_limit=0),
+        "dpo": dpo_section(tiny_world, max_steps=2, eval_limit=0),
+    }))
+    records = run_recipe(load_recipe(path))
+    assert all(r["status"] == "done" for r in records.values())
+    return load_recipe(path).run_dir
+
+
+def held_out_ids(world: Path, tokenizer, count: int = 4) -> list[list[int]]:
+    from pipeline.chat_template import ChatRenderer
+
+    renderer = ChatRenderer(tokenizer)
+    records = [json.loads(line) for line in (world / "sft_heldout.jsonl").read_text().splitlines()[:count]]
+    return [renderer.render(r["messages"]).input_ids for r in records]
+
+
+@torch.no_grad()
+def logits_of(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    model.eval()
+    return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in prompts]  # (T, V) each
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def export(*args: str) -> int:
+    return main(["export", *map(str, args)])
+
+
+def check_merged_export(stage_dir: Path, out: Path, world: Path) -> None:
+    """Exported logits == the chain's (last adapter unmerged); a fresh process loads the folder alone."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.models import load_stage_model
+
+    assert export(stage_dir, out) == 0
+    assert not [n for n in PEFT_FILES if (out / n).exists()] and (out / "model.safetensors").is_file()
+    assert not list(out.parent.glob(f"{out.name}.tmp-*"))
+
+    chain, tokenizer = load_stage_model(stage_dir, dtype=torch.float32)  # PeftModel with the last adapter
+    prompts = held_out_ids(world, tokenizer)
+    expected = logits_of(chain, prompts)
+    with chain.disable_adapter():
+        without_last = logits_of(chain, prompts)
+    assert max_difference(expected, without_last) > 1e-3  # the adapter changed something worth exporting
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert max_difference(logits_of(exported, prompts), expected) < TOLERANCE
+
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert ChatRenderer(tokenizer).end_of_turn in generation["eos_token_id"]
+
+    result = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), json.dumps(prompts[0])], cwd=out.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plain["sum"] == pytest.approx(expected[0].double().sum().item(), rel=1e-5, abs=1e-2)
+    assert plain["last"] == pytest.approx(expected[0][-1, :8].tolist(), abs=TOLERANCE)
+
+
+def test_pretrain_sft_dpo_chain_exports_to_one_plain_model(dpo_run, tiny_world, tmp_path):
+    run_dir, _ = dpo_run
+    out = tmp_path / "exports" / "dpo"  # a parent folder that does not exist yet is made
+    check_merged_export(run_dir / "dpo", out, tiny_world)
+    card = (out / "README.md").read_text()
+    assert "stage `pretrain` of this run -> adapter `sft` -> adapter `dpo`" in card
+    for stage in ("tokenizer", "pretrain", "sft", "dpo"):
+        assert f"### {stage}" in card
+    assert str(tiny_world / "dpo_train.jsonl") in card and "reward_accuracy" in card and "eval_perplexity" in card
+
+
+def test_base_chain_exports_to_one_plain_model(base_run, gemma_folder, tiny_world, tmp_path):
+    out = tmp_path / "gemma-dpo"
+    check_merged_export(base_run / "dpo", out, tiny_world)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma2"
+    card = (out / "README.md").read_text()
+    assert f"`{gemma_folder.resolve()}` -> adapter `sft` -> adapter `dpo`" in card and "### base" in card
+
+
+def test_adapter_only_keeps_the_adapter_and_its_true_parent(dpo_run, tiny_world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import load_stage_model
+
+    run_dir, _ = dpo_run
+    out = tmp_path / "dpo-adapter"
+    assert export(run_dir / "dpo", out, "--adapter-only") == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out.resolve() / "parent")
+    trained = (run_dir / "dpo" / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() == trained  # unchanged, byte for byte
+    assert not (out / "model.safetensors").exists() and (out / "parent" / "model.safetensors").is_file()
+
+    chain, tokenizer = load_stage_model(run_dir / "dpo", dtype=torch.float32)
+    prompts = held_out_ids(tiny_world, tokenizer)
+    parent = AutoModelForCausalLM.from_pretrained(out / "parent", dtype=torch.float32)
+    # the parent is pretrain with the sft adapter merged: the model dpo trained on, not the base
+    sft_merged, _ = load_stage_model(run_dir / "sft", dtype=torch.float32, merge_all=True)
+    assert max_difference(logits_of(parent, prompts), logits_of(sft_merged, prompts)) < TOLERANCE
+    plain = PeftModel.from_pretrained(parent, out)
+    assert max_difference(logits_of(plain, prompts), logits_of(chain, prompts)) < TOLERANCE
+
+
+def test_dtype_option_sets_the_weights_dtype(dpo_run, tmp_path):
+    from safetensors import safe_open
+
+    run_dir, _ = dpo_run
+    assert export(run_dir / "sft", tmp_path / "bf16", "--dtype", "bfloat16") == 0
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    assert "dtype bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
+
+
+def one_line_error(capsys, *args) -> str:
+    code = export(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(dpo_run, tmp_path, capsys):
+    run_dir, _ = dpo_run
+    out = tmp_path / "out"
+    assert "holds no model" in one_line_error(capsys, run_dir / "tokenizer", out)
+    assert "no such stage folder" in one_line_error(capsys, run_dir / "nope", out)
+    assert "not a stage folder (no stage.json)" in one_line_error(capsys, tmp_path, out)
+    assert "no adapter" in one_line_error(capsys, run_dir / "pretrain", out, "--adapter-only")
+
+    fake = tmp_path / "run"
+    for stage, status in (("eval", "done"), ("sft", "failed"), ("dpo", "done")):
+        (fake / stage).mkdir(parents=True)
+        (fake / stage / "stage.json").write_text(json.dumps({"stage": stage, "status": status}))
+    assert "the eval stage holds no model" in one_line_error(capsys, fake / "eval", out)
+    assert "stage sft is not finished (status failed)" in one_line_error(capsys, fake / "sft", out)
+    assert "stage dpo holds no model (no config.json" in one_line_error(capsys, fake / "dpo", out)
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists and is not empty" in one_line_error(capsys, run_dir / "dpo", out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices
+        export(run_dir / "dpo", tmp_path / "x", "--dtype", "int8")
+    assert exit_info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_a_crash_leaves_no_half_written_folder(dpo_run, tmp_path, monkeypatch):
+    import pipeline.export
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline.export, "model_card", crash)
+    run_dir, _ = dpo_run
+    with pytest.raises(RuntimeError):
+        export(run_dir / "sft", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
