@@ -270,6 +270,10 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     context = StageContext(recipe, stage, recipe.run_dir, out_dir, accelerator, dict(upstream))
     module = importlib.import_module(STAGE_MODULES[stage])
     context.log(f"starting (fingerprint {fingerprint}) -> {out_dir}")
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
@@ -292,6 +296,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         metrics=metrics,
         wall_time_s=round(time.perf_counter() - start, 2),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **peak_memory_mb(),
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -299,6 +304,19 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         atomic_write_json(out_dir / "stage.json", record)
     context.log(f"done in {record['wall_time_s']:.1f}s")
     return record
+
+
+def peak_memory_mb() -> dict:
+    """This process's peak memory: the CUDA allocator's since the stage began, and the RSS high-water
+    mark (a process-wide maximum: it covers earlier stages of the same command too)."""
+    import resource
+
+    import torch
+
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if torch.cuda.is_available():
+        peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
 
 
 def _close_progress_bars() -> None:

@@ -49,3 +49,40 @@ def test_summary_ratios_use_medians():
     assert summary["ratios"]["TRL defaults"]["speed"] == pytest.approx((100 / 1.5) / 25)
     assert summary["ratios"]["TRL defaults"]["memory"] == pytest.approx(510 / 620)
     assert summary["target_met"] is True  # 2.67x faster with less memory
+
+
+def test_bench_runs_our_dpo_from_its_own_setup(tmp_path):
+    """The smallest bench run end to end: the dpo trial must accept the sft stage the setup made (it once
+    refused it as made with another config, and only a GPU session found out), and the JSON keeps the CPU."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--tasks", "dpo", "--size", "quick", "--rounds",
+                           "1", "--contenders", "TRL defaults", "--workdir", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    dpo = results["tasks"]["dpo"]
+    assert set(dpo["contenders"]) == {"ours", "TRL defaults"}
+    assert all(c["rate"] > 0 for c in dpo["contenders"].values())
+    assert results["machine"]["cpu"]["model"] and isinstance(results["machine"]["cpu"]["flags"], list)
+    assert "CPU:" in done.stdout and "matmul peak" in done.stdout
+
+
+def test_gpu_report_reads_what_the_check_wrote(tmp_path):
+    """scripts/gpu_check.sh's table: finished stages with their held-out numbers, the rest named as missing."""
+    from pipeline.bench.gpu_report import report
+
+    (tmp_path / "machine.json").write_text(json.dumps({"gpu": "Test GPU (80 GiB)", "bf16_peak_flop_per_s": 7e14}))
+    stage = tmp_path / "runs" / "gemma-bf16" / "dpo"
+    stage.mkdir(parents=True)
+    stage.joinpath("stage.json").write_text(json.dumps({
+        "status": "done", "wall_time_s": 43.0, "peak_cuda_mb": 3354.0,
+        "metrics": {"train_s": 23.0, "heldout_before": {"reward_accuracy": 0.5, "chosen_perplexity": 7.68},
+                    "heldout_after": {"reward_accuracy": 0.875, "chosen_perplexity": 4.21, "kl_from_reference": 23.3}}}))
+    text = report(tmp_path)
+    assert "# GPU check: Test GPU (80 GiB)" in text
+    assert "| LoRA, bf16 | dpo | 43 s | 3,354 | reward acc 0.500 -> 0.875" in text
+    assert "| QLoRA (4-bit NF4 base) | sft | did not run |" in text
+    assert "pretraining MFU: did not finish" in text and "bench: did not run" in text

@@ -30,6 +30,20 @@ TARGETS = {
 UNITS = {"pretrain": "tokens/s", "sft": "real tokens/s", "dpo": "pairs/s"}
 
 
+FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> dict:
+    """The CPU's model name and the vector/matrix features that decide fp32 vs bf16 speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor(), "flags": []}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    present = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"model": model, "flags": [f for f in FLAGS_THAT_MATTER if f in present]}
+
+
 def run_trial(workdir: Path, task: str, contender: str, trial: int, overrides: list[str]) -> dict:
     out = workdir / "trials" / f"{task}-{contender.replace(' ', '_').replace(',', '')}-{trial}.json"
     log = out.with_suffix(".log")
@@ -51,10 +65,12 @@ def summarise(task: str, trials: list[dict], flops_per_token: float, peaks: dict
     contenders = {}
     for name, runs in by_contender.items():
         rates = [r["units"] / r["seconds"] for r in runs]
-        summary = {"rate": statistics.median(rates), "rates": rates,
+        summary = {"rate": statistics.median(rates), "rates": rates, "memory_kind": _memory_kind(runs),
                    "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
                    "rss_above_start_mb": statistics.median(r["peak_rss_mb"] - r["start_rss_mb"] for r in runs),
                    "units_per_trial": runs[0]["units"]}
+        if "peak_cuda_mb" in runs[0]:  # on a GPU the device's memory is the one that runs out
+            summary["peak_cuda_mb"] = statistics.median(r["peak_cuda_mb"] for r in runs)
         for key in ("bf16", "gradient_checkpointing", "subset"):
             if key in runs[0]:
                 summary[key] = runs[0][key]
@@ -65,7 +81,8 @@ def summarise(task: str, trials: list[dict], flops_per_token: float, peaks: dict
             summary["mfu_bf16_peak"] = achieved / peaks["bf16"]
         contenders[name] = summary
     ours = contenders["ours"]
-    ratios = {name: {"speed": ours["rate"] / c["rate"], "memory": ours["peak_rss_mb"] / c["peak_rss_mb"]}
+    memory = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
+    ratios = {name: {"speed": ours["rate"] / c["rate"], "memory": ours[memory] / c[memory]}
               for name, c in contenders.items() if name != "ours"}
     target = TARGETS[task]
     against = ratios.get(target["against"])
@@ -75,11 +92,17 @@ def summarise(task: str, trials: list[dict], flops_per_token: float, peaks: dict
     return {"unit": UNITS[task], "contenders": contenders, "ratios": ratios, "target": target, "target_met": met}
 
 
+def _memory_kind(runs: list[dict]) -> str:
+    return "CUDA allocator peak" if "peak_cuda_mb" in runs[0] else "process peak RSS"
+
+
 def print_table(task: str, summary: dict) -> None:
     from pipeline.bench.workload import SLOW_SUBSET
 
     print(f"\n{task} ({summary['unit']}, median of trials; ratio = ours / contender)")
-    print(f"  {'contender':<20} {'rate':>10} {'peak RSS MB':>12} {'speed ratio':>12} {'memory ratio':>13}  notes")
+    cuda = "peak_cuda_mb" in summary["contenders"]["ours"]
+    print(f"  {'contender':<20} {'rate':>10} {'peak CUDA MB' if cuda else 'peak RSS MB':>12} {'speed ratio':>12} "
+          f"{'memory ratio':>13}  notes")
     for name, c in summary["contenders"].items():
         ratio = summary["ratios"].get(name)
         notes = []
@@ -93,7 +116,8 @@ def print_table(task: str, summary: dict) -> None:
         notes.append("trials " + ", ".join(f"{r:,.1f}" for r in c["rates"]))
         speed = f"{ratio['speed']:.2f}x" if ratio else "-"
         memory = f"{ratio['memory']:.2f}x" if ratio else "-"
-        print(f"  {name:<20} {c['rate']:>10,.1f} {c['peak_rss_mb']:>12,.0f} {speed:>12} {memory:>13}  "
+        peak = c["peak_cuda_mb"] if cuda else c["peak_rss_mb"]
+        print(f"  {name:<20} {c['rate']:>10,.1f} {peak:>12,.0f} {speed:>12} {memory:>13}  "
               f"{'; '.join(notes)}")
     t = summary["target"]
     if summary["target_met"] is not None:
@@ -123,18 +147,23 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir).resolve()
     started = time.time()
+    cpu = cpu_flags()
+    print(f"CPU: {cpu['model']}; {', '.join(cpu['flags']) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)}", flush=True)
     print(f"preparing the workload in {workdir} ...", flush=True)
     setup_dir = prepare(workdir, SIZES[args.size])
     torch.set_num_threads(os.cpu_count() or 1)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak with {torch.get_num_threads()} threads: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"matmul peak on {where}: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     from transformers import AutoConfig
 
     flops_per_token = training_flops_per_token(AutoConfig.from_pretrained(setup_dir / "pretrain"), SEQ_LEN)
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "cuda": torch.cuda.is_available(), "matmul_peak_flop_per_s": peaks},
+                           "cuda": torch.cuda.is_available(), "matmul_peak_flop_per_s": peaks,
+                           "device": where, "cpu": cpu},
                "size": args.size, "rounds": args.rounds, "overrides": args.overrides, "flops_per_token": flops_per_token, "tasks": {}}
     for task in args.tasks:
         names = [n for n in CONTENDERS[task] if n == "ours" or not args.contenders or n in args.contenders]
@@ -143,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:  # A B A B: every round visits every contender once, in the same order
                 result = run_trial(workdir, task, name, trial, args.overrides)
                 trials.append(result)
+                cuda = f", CUDA {result['peak_cuda_mb']:,.0f} MB" if "peak_cuda_mb" in result else ""
                 print(f"  {task} #{trial} {name:<20} {result['units'] / result['seconds']:>10,.1f} {UNITS[task]}"
-                      f"  peak RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+                      f"  peak RSS {result['peak_rss_mb']:,.0f} MB{cuda}", flush=True)
         results["tasks"][task] = summary = summarise(task, trials, flops_per_token, peaks)
         summary["trials"] = trials
         print_table(task, summary)

@@ -32,6 +32,12 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _synchronize() -> None:
+    """CUDA runs asynchronously: a clock read before the queue drains would stop early."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _slow_bf16(fp32: bool) -> bool:
     """TRL's default bf16 on a CPU without bf16 hardware runs ~20-40x slower than fp32 (measured):
     such a trial measures its rate on the first SLOW_SUBSET examples, or it would take many minutes."""
@@ -95,6 +101,7 @@ def plain_pretrain(workdir: Path, trial: int) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    _synchronize()
     seconds = time.perf_counter() - started
     return {"units": cfg.max_steps * cfg.global_batch_size * cfg.seq_len, "seconds": seconds}
 
@@ -134,6 +141,7 @@ def trl_sft(workdir: Path, trial: int, fp32: bool) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=_lora(workdir, "sft"))
     trainer.train()
+    _synchronize()
     seconds = time.perf_counter() - started
     return {"units": sum(len(ids) for ids in trainer.train_dataset["input_ids"]), "seconds": seconds,
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "subset": _slow_bf16(fp32)}
@@ -148,7 +156,8 @@ def plain_sft(workdir: Path, trial: int) -> dict:
 
     cfg = _recipe(workdir, "plain").sft
     model, tokenizer = _pretrained(workdir)
-    model = get_peft_model(model, _lora(workdir, "sft"))
+    device = torch.device(_device_type())
+    model = get_peft_model(model, _lora(workdir, "sft")).to(device)
     started = time.perf_counter()
     rows, _ = tokenize_conversations(_chats(workdir), ChatRenderer(tokenizer), cfg)
     random.Random(trial).shuffle(rows)
@@ -160,10 +169,11 @@ def plain_sft(workdir: Path, trial: int) -> dict:
         ids = torch.tensor([r["input_ids"] + [tokenizer.pad_token_id] * (width - r["length"]) for r in batch])
         labels = torch.tensor([r["labels"] + [-100] * (width - r["length"]) for r in batch])
         mask = torch.tensor([[1] * r["length"] + [0] * (width - r["length"]) for r in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    _synchronize()
     seconds = time.perf_counter() - started
     return {"units": sum(r["length"] for r in rows), "seconds": seconds}
 
@@ -190,6 +200,7 @@ def trl_dpo(workdir: Path, trial: int, fp32: bool) -> dict:
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=_lora(workdir, "dpo"))
     trainer.train()
+    _synchronize()
     seconds = time.perf_counter() - started
     return {"units": len(dataset) * epochs, "seconds": seconds, "bf16": args.bf16,
             "gradient_checkpointing": args.gradient_checkpointing, "subset": _slow_bf16(fp32)}

@@ -20,16 +20,26 @@ def training_flops_per_token(config, seq_len: int) -> float:
     return 6 * matmul_weights + 12 * layers * d * seq_len
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 1.0, sizes: tuple[int, ...] = (512, 1024)) -> float:
-    """Best FLOP/s of square matmuls, about `seconds` per size, with this process's thread count."""
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.0, sizes: tuple[int, ...] | None = None,
+                device: str = "cpu") -> float:
+    """Best FLOP/s of square matmuls, about `seconds` per size (CPU: with this process's thread count;
+    CUDA: large enough to fill the GPU, timed between synchronisations)."""
+    cuda = device.startswith("cuda")
+    sizes = sizes or ((4096, 8192) if cuda else (512, 1024))
     best = 0.0
     for size in sizes:
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+        repeats = 10 if cuda else 1  # one CUDA launch is too short to time on its own
         torch.mm(a, b)  # warm-up
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+            for _ in range(repeats):
+                torch.mm(a, b)
+            if cuda:
+                torch.cuda.synchronize()
+            best = max(best, repeats * 2 * size**3 / (time.perf_counter() - start))
     return best
