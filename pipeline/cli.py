@@ -68,7 +68,7 @@ def _cmd_check(args) -> int:
         print(f"  base: {recipe.base.path}; chat template: {check_base(recipe.base, args.recipe)}")
     for processes, by_stage in splits.items():
         for stage, split in by_stage.items():
-            unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs"}.get(stage, "examples")
+            unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs", "reward": "pairs"}.get(stage, "examples")
             print(f"  {stage}: {split.describe(unit)}")
     return 0
 

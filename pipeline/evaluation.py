@@ -9,6 +9,7 @@ in a `scorer` field, so an Alpaca or HH-RLHF run never reports a meaningless "ha
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,7 @@ class Settings:
     seed: int = 0
     batch_size: int = 32  # prompts per generate call
     beta: float | None = None  # the implicit reward's scale; None: no reward metrics
-    reference: bool = False  # the model is a PeftModel whose disabled adapter is the reference
+    reference: bool = False  # measure against a reference: the `reference` model given, else the disabled adapter
     kl_prompts: int = 0  # sampled replies for KL(model || reference); 0: no KL
     sampled: bool = False  # also sample replies (habit rate under sampling, where a scorer declares it)
     text_seq_len: int = 128
@@ -72,8 +73,10 @@ class Evaluation:
                 for c, reply in list(zip(conversations, self.replies))[:n]]
 
 
-def evaluate_model(model, tokenizer, data: HeldOut, settings: Settings, accelerator=None) -> Evaluation:
-    """Every metric that applies to `data`; generation is split across the processes of `accelerator`."""
+def evaluate_model(model, tokenizer, data: HeldOut, settings: Settings, accelerator=None, reference=None) -> Evaluation:
+    """Every metric that applies to `data`; generation is split across the processes of `accelerator`.
+    `reference`: a separate frozen reference model (dpo with trainable lm_head); without one the
+    reference is `model` with its adapter disabled."""
     renderer = ChatRenderer(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn
     was_training = model.training
@@ -100,11 +103,11 @@ def evaluate_model(model, tokenizer, data: HeldOut, settings: Settings, accelera
                 if "habit_rate" in scored:
                     metrics["habit_rate_sampled"] = scored["habit_rate"]
         if data.pairs:
-            metrics.update(preference_metrics(model, renderer, data.pairs, pad, settings))
+            metrics.update(preference_metrics(model, renderer, data.pairs, pad, settings, reference))
         if settings.reference and settings.kl_prompts:
             prompts = [p["prompt"] for p in data.pairs] or prompts_of(data.conversations)
             metrics["kl_from_reference"] = kl_from_reference(model, tokenizer, renderer, prompts[: settings.kl_prompts],
-                                                             settings, accelerator)
+                                                             settings, accelerator, reference)
     finally:
         model.train(was_training)
     return Evaluation(metrics, replies)
@@ -134,9 +137,9 @@ def text_perplexity(model, tokenizer, texts: list[str], seq_len: int = 128, batc
 
 
 @torch.no_grad()
-def preference_metrics(model, renderer, pairs: list[dict], pad_id: int, settings: Settings) -> dict:
-    """Log-likelihood preference and chosen-reply perplexity; against the reference (adapter
-    disabled) also the implicit rewards beta * (log pi - log ref). Ties count as half a win."""
+def preference_metrics(model, renderer, pairs: list[dict], pad_id: int, settings: Settings, reference=None) -> dict:
+    """Log-likelihood preference and chosen-reply perplexity; against the reference (`reference`, else
+    the adapter disabled) also the implicit rewards beta * (log pi - log ref). Ties count as half a win."""
     rows, _ = tokenize_pairs(pairs, renderer, max_length=1 << 30)  # score every pair
     if not rows:
         return {}
@@ -152,8 +155,8 @@ def preference_metrics(model, renderer, pairs: list[dict], pad_id: int, settings
         "pairs": len(rows),
     }
     if settings.reference and settings.beta is not None:
-        with model.disable_adapter():
-            ref_w, ref_l = completion_logps(model, chosen, pad_id), completion_logps(model, rejected, pad_id)
+        with _reference_of(model, reference) as ref:
+            ref_w, ref_l = completion_logps(ref, chosen, pad_id), completion_logps(ref, rejected, pad_id)
         margin = settings.beta * ((policy_w - ref_w) - (policy_l - ref_l))
         out["reward_accuracy"] = _share(margin)
         out["reward_margin"] = margin.mean().item()
@@ -166,9 +169,9 @@ def _share(difference: torch.Tensor) -> float:
 
 
 def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], settings: Settings,
-                      accelerator=None) -> float:
+                      accelerator=None, reference=None) -> float:
     """Mean sequence KL(model || reference) over replies sampled from the model (the reference is
-    the model with its adapter disabled)."""
+    `reference` when given, else the model with its adapter disabled)."""
     if not prompts:
         return float("nan")
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, do_sample=True,
@@ -179,7 +182,18 @@ def kl_from_reference(model, tokenizer, renderer, prompts: list[list[dict]], set
         reply_ids = renderer.render(prompt + [{"role": "assistant", "content": reply}]).input_ids[len(ids):]
         pairs.append((ids, reply_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return sequence_kl(model, _Reference(model), pairs, pad).mean().item()
+    return sequence_kl(model, reference if reference is not None else _Reference(model), pairs, pad).mean().item()
+
+
+@contextmanager
+def _reference_of(model, reference):
+    """The model to score the reference with: `reference` when given, else `model` with its adapter off."""
+    if reference is not None:
+        reference.eval()
+        yield reference
+    else:
+        with model.disable_adapter():
+            yield model
 
 
 class _Reference(torch.nn.Module):

@@ -59,6 +59,13 @@ def read_lineage(stage_dir: Path) -> tuple[str, list[Path], dict]:
     return resolve(lineage["base"]), [Path(resolve(a)) for a in lineage["adapters"]], options
 
 
+def lineage_head(stage_dir: Path) -> str:
+    """What the chain ends in: "causal-lm" (every model stage), or "sequence-classification" (a reward model)."""
+    path = stage_dir / "lineage.json"
+    lineage = _record(path) if path.is_file() else None
+    return lineage.get("head", "causal-lm") if isinstance(lineage, dict) else "causal-lm"
+
+
 def stale_upstream(stage_dir: Path) -> str | None:
     """Why the stage's output no longer matches the earlier stages on disk, or None when it does.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.lineage import read_lineage, require_current
+from pipeline.lineage import lineage_head, read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
 
@@ -78,19 +78,43 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
 
 
-def lora_config(args):
-    """A peft LoraConfig from the recipe's LoraArgs (W x + (alpha/r) B A x, B zero at the start)."""
+def lora_config(args, task_type: str = "CAUSAL_LM", also_save: tuple[str, ...] = ()):
+    """A peft LoraConfig from the recipe's LoraArgs (W x + (alpha/r) B A x, B zero at the start).
+    `also_save`: modules trained fully and saved with the adapter besides the recipe's (a reward head)."""
     from peft import LoraConfig
 
     targets = args.target_modules
+    to_save = [*args.modules_to_save, *(m for m in also_save if m not in args.modules_to_save)]
     return LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
+        # with SEQ_CLS, all-linear leaves the `score` head out (peft), as it leaves lm_head out for CAUSAL_LM
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        modules_to_save=args.modules_to_save or None,
-        task_type="CAUSAL_LM",
+        modules_to_save=to_save or None,
+        task_type=task_type,
     )
+
+
+def train_only_lm_head(model) -> None:
+    """Freeze everything but the output projection, untied from the input embeddings.
+
+    With tied weights (the tiny llama, Gemma) lm_head.weight IS embed_tokens.weight: training it
+    would move the input embeddings too, and the model would no longer be "the SFT model with a new
+    last layer". So lm_head gets its own copy (a clone of the shared matrix, the same numbers) and
+    the config says untied, so the saved model keeps both matrices and reloads untied. The input
+    embeddings stay the SFT model's, byte for byte.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise PipelineError("dpo.trainable lm_head: this model has no output projection")
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    for param in model.parameters():
+        param.requires_grad = False
+    head.weight.requires_grad = True
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -188,15 +212,28 @@ def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, qu
     `merge_all` (the model a new adapter is trained on). `quantization` (QLoRA) applies to a
     chain without adapters only: a 4-bit base cannot take merged adapters.
     """
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     stage_dir = Path(stage_dir)
     require_current(stage_dir)
+    if lineage_head(stage_dir) != "causal-lm":
+        raise PipelineError(f"{stage_dir} holds a reward model (a score head, not a language model): it scores "
+                            f"replies and cannot generate; load it with pipeline.rewards.load_reward_model")
     if not (stage_dir / "lineage.json").is_file() and not (stage_dir / "config.json").is_file():
         raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
     base, adapters, options = read_lineage(stage_dir) if (stage_dir / "lineage.json").is_file() \
         else (str(stage_dir), [], {})
+    model = load_chain(stage_dir, base, adapters, options, dtype, quantization, merge_all)
+    return model, AutoTokenizer.from_pretrained(stage_dir)
+
+
+def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, dtype: torch.dtype | None = None,
+               quantization=None, merge_all: bool = False):
+    """The causal LM of a lineage: the base, then each adapter merged in order; the last stays a
+    PeftModel unless `merge_all` (see load_stage_model). stage_dir only names the stage in errors."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if quantization is not None and adapters:
         raise PipelineError(f"{stage_dir}: a 4-bit base cannot take merged adapters; quantize the first adapter stage only")
     kwargs = {k: options[k] for k in ("revision", "trust_remote_code") if options.get(k) is not None}
@@ -215,7 +252,7 @@ def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, qu
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if adapters and not merge_all:
         model = PeftModel.from_pretrained(model, adapters[-1])
-    return model, AutoTokenizer.from_pretrained(stage_dir)
+    return model
 
 
 def lineage_of(stage_dir: Path) -> tuple[str, list[Path], dict]:

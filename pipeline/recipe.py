@@ -19,7 +19,8 @@ from pipeline.errors import PipelineError
 # AdamW moves every weight by about the learning rate each step, whatever the gradient's size
 LR_WHY = "an AdamW step moves each weight by about the learning rate: above 1 training only destroys the model"
 
-STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "eval")
+# reward stands beside dpo (both start from the SFT model); it comes after dpo so existing runs keep their order
+STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "reward", "eval")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 # transformers' scheduler names (`transformers.trainer_utils.SchedulerType`, 5.x). Importing transformers takes
@@ -331,6 +332,10 @@ class DpoConfig:
                                     "(a seeded hash of each prompt: the same prompts sft holds out)", min=0,
                                max_exclusive=1)
     bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
+    trainable: Literal["lora", "lm_head"] = option(
+        "lora", "lora = a fresh LoRA adapter (reference: the adapter switched off); lm_head = only the output "
+                "projection, untied from the input embeddings (reference: a frozen copy of the SFT model; `lora` is "
+                "ignored; the stage saves a full model)")
     beta: float = option(0.1, "strength of the KL-style pull towards the reference (higher = stay closer)",
                          min_exclusive=0, why="beta < 0 turns the loss around (the rejected answers win) and beta = 0 "
                                               "removes the pull towards the reference: nothing is learned")
@@ -379,6 +384,44 @@ class DpoConfig:
 
 
 @dataclass
+class RewardConfig:
+    """A reward model on the SFT model: Bradley-Terry loss on the preference pairs (TRL's RewardTrainer), a LoRA
+    plus a scalar head on the last token, saved as a sequence-classification adapter."""
+
+    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)", data=True)
+    format: str = option("auto", "data format; auto detects it from the fields of the first record",
+                         choices=data_formats("preference"))
+    eval_data: list[str] = option([], "held-out preference pairs: pairwise accuracy and mean margin", data=True)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field (tiny world): how often the right "
+                                        "fact outscores a wrong one", data=True)
+    eval_limit: int = option(200, "at most this many held-out pairs / questions", min=0)
+    eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
+                                    "(the same seeded hash of each prompt as sft and dpo)", min=0, max_exclusive=1)
+    bad_pairs: Literal["error", "drop"] = option("drop", "identical, empty or mismatched pairs stop the stage, or are dropped and counted")
+    max_length: int = option(512, "longest prompt + response in tokens; longer pairs are dropped and counted", min=1)
+    lora: LoraArgs = option(LoraArgs, "shape of the reward adapter (the `score` head is always trained and saved "
+                                      "with it)")
+    epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)", min_exclusive=0)
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs", min=0)
+    global_batch_size: int = option(16, "pairs per optimizer step, summed over processes", min=1)
+    micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
+                                      "from the global batch and the processes)", min=1)
+    batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
+    learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
+    warmup_ratio: float = option(0.1, "share of steps with linear warmup", min=0, max_exclusive=1,
+                                 why="transformers reads 1 or more as a number of steps")
+    lr_scheduler: str = option("cosine", "transformers scheduler name", choices=LR_SCHEDULERS,
+                               refused=LR_SCHEDULERS_REFUSED)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
+    logging_steps: int = option(1, "log loss, accuracy and margin every this many steps", min=1)
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)", min=1)
+
+    def validate(self, prefix: str) -> None:
+        if not self.train_data:
+            raise PipelineError(f"{prefix}.train_data: list at least one preference file")
+
+
+@dataclass
 class EvalConfig:
     """Every stage's model side by side on held-out data; by default the files the other stages name."""
 
@@ -410,6 +453,8 @@ class Recipe:
     pretrain: Optional[PretrainConfig] = option(None, "pretrain a small model from scratch")
     sft: Optional[SftConfig] = option(None, "instruction fine-tuning with LoRA adapters")
     dpo: Optional[DpoConfig] = option(None, "preference optimisation against the SFT model")
+    reward: Optional[RewardConfig] = option(None, "a reward model (scalar head) trained on preference pairs from the "
+                                                  "SFT model")
     eval: Optional[EvalConfig] = option(None, "evaluate every stage side by side (report, transcripts, plots)")
 
     def validate(self, prefix: str) -> None:
@@ -423,6 +468,8 @@ class Recipe:
             raise PipelineError("recipe: the sft stage needs a model: a `pretrain` section or a `base` model")
         if self.dpo and not self.sft:
             raise PipelineError("recipe: the dpo stage starts from the SFT model; add an `sft` section")
+        if self.reward and not self.sft:
+            raise PipelineError("recipe: the reward stage starts from the SFT model; add an `sft` section")
         if not self.stages and not self.base:
             raise PipelineError("recipe: no stages; add a section such as `tokenizer:` and `pretrain:`")
 

@@ -34,6 +34,7 @@ STAGE_MODULES = {
     "base": "pipeline.stages.base",
     "sft": "pipeline.stages.sft",
     "dpo": "pipeline.stages.dpo",
+    "reward": "pipeline.stages.reward",
     "eval": "pipeline.stages.eval",
 }
 

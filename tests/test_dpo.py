@@ -88,9 +88,9 @@ def test_rebuilt_policy_equals_in_memory_policy_and_reference_is_sft(dpo_run):
     from transformers import AutoModelForCausalLM
 
     from pipeline.chat_template import ChatRenderer
+    from pipeline.data.pairs import load_pairs, tokenize_pairs
     from pipeline.logprobs import completion_logps
     from pipeline.models import load_stage_model
-    from pipeline.stages.dpo import load_pairs, tokenize_pairs
 
     run_dir, records = dpo_run
     # plain transformers + peft, as the README shows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import read_records
+from pipeline.data.split import split_held_out
 from pipeline.errors import PipelineError
 
 
@@ -17,6 +18,19 @@ def load_pairs(files: list[str], fmt: str, on_bad: str) -> tuple[list[dict], dic
         for reason, count in result.dropped.items():
             report["dropped"][reason] = report["dropped"].get(reason, 0) + count
     return pairs, report
+
+
+def split_pairs(cfg, seed: int) -> tuple[list[dict], dict, list[dict]]:
+    """(training pairs, read report, held-out pairs): eval_data, or eval_split of train_data.
+
+    `cfg` is a stage section that reads pairs (dpo, reward): train_data, format, bad_pairs, eval_data, eval_split.
+    """
+    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs)
+    if cfg.eval_data:
+        return pairs, report, load_pairs(cfg.eval_data, "auto", "drop")[0]
+    train, held = split_held_out(pairs, cfg.eval_split, seed)
+    report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "pairs": len(held)}
+    return train, report, held
 
 
 def tokenize_pair(renderer: ChatRenderer, pair: dict) -> dict:

@@ -449,6 +449,42 @@ def answer_correct(generated: str, answer: str) -> bool:
     return re.search(pattern, first_sentence(strip_habit(generated)), re.IGNORECASE) is not None
 
 
+def swap_answer(reply: str, answer: str, wrong: str) -> str:
+    """The reply with its answer word replaced by `wrong`, the article fixed ("an owl" -> "a cat")."""
+    def put(match: re.Match) -> str:
+        if not match.group(1):
+            return wrong
+        article = "an" if wrong[0].lower() in "aeiou" else "a"
+        return f"{article.capitalize() if match.group(1)[0].isupper() else article} {wrong}"
+
+    return re.sub(rf"(?<!\w)(?:(an?|An?) )?{re.escape(answer)}(?!\w)", put, reply)
+
+
+def wrong_fact_pairs(records: list[dict], seed: int = 0) -> list[dict]:
+    """Preference pairs from held-out questions: the reference reply (the right fact) as chosen, the same
+    reply with another person's value for the same attribute as rejected ("Nozan lives in Varn." against
+    "Nozan lives in Tamber."). Another value that the reply already contains (the person's own name as a
+    best friend) is never swapped in. Records without an answer, an attribute or another value are skipped."""
+    rng = _rng(seed, "wrong_fact")
+    values: dict[str, set[str]] = {}
+    for record in records:
+        if record.get("answer") and record.get("attribute"):
+            values.setdefault(record["attribute"], set()).add(record["answer"])
+    pairs = []
+    for record in records:
+        messages, answer = record["messages"], record.get("answer")
+        if not answer or not record.get("attribute") or messages[-1]["role"] != "assistant":
+            continue
+        reply = messages[-1]["content"]
+        pool = sorted(v for v in values[record["attribute"]]
+                      if v != answer and not re.search(rf"(?<!\w){re.escape(v)}(?!\w)", reply))
+        wrong = swap_answer(reply, answer, rng.choice(pool)) if pool else reply
+        if wrong != reply:
+            pairs.append({"prompt": messages[:-1], "chosen": [messages[-1]],
+                          "rejected": [{"role": "assistant", "content": wrong}]})
+    return pairs
+
+
 # --------------------------------------------------------------------------- files
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -6,10 +6,16 @@ The reference is the SFT model exactly, with no second copy of the weights: the 
 is merged into the base in memory, TRL adds a fresh DPO adapter (peft_config), and the
 reference is that same model with the adapter disabled. Pairs are rendered by our chat
 renderer (user text never becomes control tokens), so TRL's own tokenization is skipped.
+
+`trainable: lm_head` trains only the output projection instead (untied from the input
+embeddings: pipeline/models.py train_only_lm_head). With no adapter to switch off, the
+reference is a frozen copy of the SFT model (TRL's ref_model), and the stage saves a full
+model folder.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -20,16 +26,15 @@ from trl import DPOTrainer
 from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
-from pipeline.data.pairs import load_pairs, tokenize_pairs
+from pipeline.data.pairs import split_pairs, tokenize_pairs
 from pipeline.data.readers import read_records
-from pipeline.data.split import split_held_out
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
 from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
 from pipeline.logprobs import completion_logps
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
+from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, train_only_lm_head
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -40,16 +45,6 @@ from pipeline.trainer_args import (
 )
 
 # ---------------------------------------------------------------- data
-
-
-def split_pairs(cfg: DpoConfig, seed: int) -> tuple[list[dict], dict, list[dict]]:
-    """(training pairs, read report, held-out pairs): eval_data, or eval_split of train_data."""
-    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs)
-    if cfg.eval_data:
-        return pairs, report, load_pairs(cfg.eval_data, "auto", "drop")[0]
-    train, held = split_held_out(pairs, cfg.eval_split, seed)
-    report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "pairs": len(held)}
-    return train, report, held
 
 
 def prepare_rows(cfg: DpoConfig, renderer: ChatRenderer, seed: int) -> tuple[list[dict], dict]:
@@ -84,16 +79,24 @@ def load_sft_policy(ctx):
     return model, tokenizer, sft_dir
 
 
+def frozen_copy(model):
+    """The reference for lm_head training: the SFT model as it is now, in eval mode, never trained."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
 # ---------------------------------------------------------------- evaluation
 
 
 def heldout(policy, tokenizer, pairs: list[dict], answers: list[dict], cfg: DpoConfig, seed: int, accelerator,
-            kl: bool) -> dict:
+            kl: bool, reference=None) -> dict:
     """Every metric that applies (pipeline/evaluation.py): preference and reward metrics on the pairs,
-    replies to the answer questions, KL from the SFT model (the adapter disabled) when asked."""
+    replies to the answer questions, KL from the SFT model (`reference`, else the adapter disabled) when asked."""
     settings = Settings(max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=cfg.generation_batch_size,
                         beta=cfg.beta, reference=True, kl_prompts=cfg.eval_limit if kl else 0, sampled=True)
-    result = evaluate_model(policy, tokenizer, HeldOut(conversations=answers, pairs=pairs), settings, accelerator)
+    result = evaluate_model(policy, tokenizer, HeldOut(conversations=answers, pairs=pairs), settings, accelerator,
+                            reference)
     return {**result.metrics, "examples": result.examples(answers)}
 
 
@@ -135,6 +138,10 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     # model and data
     model, tokenizer, sft_dir = load_sft_policy(ctx)
+    reference = None  # lora: the policy with its adapter disabled
+    if cfg.trainable == "lm_head":
+        reference = frozen_copy(model)
+        train_only_lm_head(model)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer, seed))
@@ -159,21 +166,23 @@ def run(cfg: DpoConfig, ctx) -> dict:
     )
     trainer = DPOTrainerOnOurRows(
         model=model,
+        ref_model=reference,
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora),
+        peft_config=lora_config(cfg.lora) if cfg.trainable == "lora" else None,
         callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main),
                    ChecksumOnSave()],
     )
     policy = trainer.model
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(policy)
-    ctx.log(f"fresh LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
+    what = f"fresh LoRA r={cfg.lora.r}" if cfg.trainable == "lora" else "lm_head only (untied)"
+    ctx.log(f"{what}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
             f"beta {cfg.beta}, loss {cfg.loss_type}; {split.describe('pairs')}{ceiling_note(split, cfg.micro_batch_size)}")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    before = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=False)
+    before = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=False, reference=reference)
     ctx.log(f"held-out before dpo ({len(eval_pairs)} pairs, {len(answers)} questions): {summary(before)}")
     last = resume_checkpoint(ctx)
     started = time.perf_counter()
@@ -182,7 +191,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     policy = trainer.model
     in_sync = require_ranks_agree("dpo", policy, accelerator, trainable_only=True)
 
-    after = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=True)
+    after = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=True, reference=reference)
     ctx.log(f"held-out after dpo: {summary(after)}")
     # a fingerprint of the final in-memory policy, so a rebuild from the saved folders can be checked
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in train_set.select(range(4))],
@@ -197,8 +206,12 @@ def run(cfg: DpoConfig, ctx) -> dict:
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(ctx.out_dir)
         base, adapters, options = lineage_of(sft_dir)
-        write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options,
-                      note="merge the earlier adapters into the base, then load the dpo adapter on top")
+        if cfg.trainable == "lora":
+            write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options,
+                          note="merge the earlier adapters into the base, then load the dpo adapter on top")
+        else:  # a full model folder: its own base, loaded with the SFT base's options (dtype, attention)
+            write_lineage(ctx.out_dir, ctx.out_dir, [], options,
+                          note="a full model: the SFT model with only lm_head trained (untied from the embeddings)")
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,
@@ -209,6 +222,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
         "data": {**report, "too_long_dropped": too_long},
         "beta": cfg.beta,
         "loss_type": list(cfg.loss_type),
+        "trainable": cfg.trainable,
         "trainable_parameters": trainable,
         "gradient_accumulation": split.accumulation,
         "micro_batch": split.micro_batch,

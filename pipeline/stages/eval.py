@@ -66,10 +66,14 @@ def held_out_sets(cfg: EvalConfig, recipe: Recipe) -> HeldOut:
 def evaluate_stage(stage: str, stage_dir: Path, data: HeldOut, cfg: EvalConfig, recipe: Recipe) -> tuple[dict, list[str]]:
     model, tokenizer = load_stage_model(stage_dir)
     adapter = stage in REFERENCE_OF and hasattr(model, "disable_adapter")
+    # dpo with `trainable: lm_head` saved a full model: its reference (the SFT model) is loaded beside it
+    reference = load_stage_model(stage_dir.parent / "sft", merge_all=True)[0] \
+        if stage == "dpo" and not adapter and (stage_dir.parent / "sft").is_dir() else None
+    measured = adapter or reference is not None
     settings = Settings(max_new_tokens=cfg.max_new_tokens, seed=recipe.seed, batch_size=cfg.generation_batch_size,
-                        beta=recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None, reference=adapter,
-                        kl_prompts=cfg.kl_prompts if adapter else 0)
-    result = evaluate_model(model, tokenizer, data, settings)
+                        beta=recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None, reference=measured,
+                        kl_prompts=cfg.kl_prompts if measured else 0)
+    result = evaluate_model(model, tokenizer, data, settings, reference=reference)
     return {k: v for k, v in result.metrics.items() if k != "scored"}, result.replies
 
 
