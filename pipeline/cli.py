@@ -68,7 +68,8 @@ def _cmd_check(args) -> int:
         print(f"  base: {recipe.base.path}; chat template: {check_base(recipe.base, args.recipe)}")
     for processes, by_stage in splits.items():
         for stage, split in by_stage.items():
-            unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs", "reward": "pairs"}.get(stage, "examples")
+            unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs", "reward": "pairs",
+                    "rl": "replies"}.get(stage, "examples")
             print(f"  {stage}: {split.describe(unit)}")
     return 0
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     serve = verbs.add_parser("serve", help="a run's stages behind an OpenAI-compatible API, and a page comparing two",
-                             description="Serve every finished model stage of RUN (pretrain or base, sft, dpo) as a "
+                             description="Serve every finished model stage of RUN (pretrain or base, sft, dpo, rl) as a "
                              "model of an OpenAI-compatible API (GET /v1/models, POST /v1/chat/completions, streaming "
                              "too), and at / a page that streams two stages' replies side by side. Models load on "
                              "first use and stay loaded.")
@@ -262,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     evaluate = verbs.add_parser("eval", help="evaluate every stage of a run side by side (report, plots)",
-                                description="Evaluate each finished stage of RUN (pretrain or base, sft, dpo) on "
+                                description="Evaluate each finished stage of RUN (pretrain or base, sft, dpo, rl) on "
                                 "the same held-out data: perplexity, answer accuracy, habit rate, preference "
-                                "accuracy, KL of dpo from sft. Writes report.md, report.json, transcripts.jsonl "
+                                "accuracy, KL of dpo and rl from sft. Writes report.md, report.json, transcripts.jsonl "
                                 "and plots/*.png into RUN/eval (or --out).")
     evaluate.add_argument("run", help="a run folder, e.g. runs/quickstart")
     evaluate.add_argument("--limit", type=int, help="at most this many examples of each kind")

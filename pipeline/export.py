@@ -89,7 +89,7 @@ def finished_model_stage(stage_dir: Path) -> dict:
     name = record["stage"]
     if name in NO_MODEL:
         raise PipelineError(f"{stage_dir}: the {name} stage holds no model; export a model stage "
-                            "(pretrain, base, sft or dpo)")
+                            "(pretrain, base, sft, dpo or rl)")
     if record.get("status") != "done":
         raise PipelineError(f"{stage_dir}: stage {name} is not finished (status {record.get('status')}); "
                             "finish it first: pipeline run RECIPE")

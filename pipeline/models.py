@@ -107,7 +107,7 @@ def train_only_lm_head(model) -> None:
     """
     head = model.get_output_embeddings()
     if head is None:
-        raise PipelineError("dpo.trainable lm_head: this model has no output projection")
+        raise PipelineError("trainable: lm_head (dpo, rl): this model has no output projection")
     if head.weight is model.get_input_embeddings().weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():

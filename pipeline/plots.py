@@ -1,4 +1,4 @@
-"""PNG plots for the evaluation report: training curves per stage, DPO rewards, metrics per stage."""
+"""PNG plots for the evaluation report: training curves per stage, DPO rewards, RL reward, metrics per stage."""
 
 from __future__ import annotations
 
@@ -62,6 +62,25 @@ def plot_run(run_dir: Path, out_dir: Path, results: dict) -> list[Path]:
         left.legend(handles, [h.get_label() for h in handles], loc="center right")
         fig.tight_layout()
         path = out_dir / "dpo_rewards.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+
+    log = _read_log(run_dir / "rl" / "metrics.jsonl")  # rl's loss is not a learning curve: its reward is
+    steps, reward = _series(log, "reward")
+    if steps:
+        fig, left = plt.subplots(figsize=(7, 4), dpi=110)
+        left.plot(steps, reward, color="tab:blue", label="mean reward")
+        left.plot(*_series(log, "tied_groups"), color="tab:gray", linestyle=":", label="tied groups (no signal)")
+        left.set(title="rl: reward over training", xlabel="optimizer step", ylabel="reward / share of groups")
+        right = left.twinx()
+        right.plot(*_series(log, "kl"), color="tab:orange", label="KL to the SFT model")  # absent at beta 0
+        right.set_ylabel("KL (nats per token)")
+        left.grid(alpha=0.3)
+        handles = left.get_lines() + right.get_lines()
+        left.legend(handles, [h.get_label() for h in handles], loc="center right")
+        fig.tight_layout()
+        path = out_dir / "rl_reward.png"
         fig.savefig(path)
         plt.close(fig)
         written.append(path)

@@ -19,8 +19,9 @@ from pipeline.errors import PipelineError
 # AdamW moves every weight by about the learning rate each step, whatever the gradient's size
 LR_WHY = "an AdamW step moves each weight by about the learning rate: above 1 training only destroys the model"
 
-# reward stands beside dpo (both start from the SFT model); it comes after dpo so existing runs keep their order
-STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "reward", "eval")
+# reward stands beside dpo (both start from the SFT model); it comes after dpo so existing runs keep their order.
+# rl starts from the SFT model too, and comes after reward because it may score its replies with the reward model.
+STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "reward", "rl", "eval")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 # transformers' scheduler names (`transformers.trainer_utils.SchedulerType`, 5.x). Importing transformers takes
@@ -422,6 +423,80 @@ class RewardConfig:
 
 
 @dataclass
+class RlRewardArgs:
+    """What scores a sampled reply: a weighted sum of a rule and the reward stage's model (weight 0 leaves one out)."""
+
+    rule: float = option(1.0, "weight of the rule a training record declares in its `scorer` field (tiny_world: 1 if "
+                              "the reply states the right fact, else 0, minus habit_penalty when the habit's preamble "
+                              "is there); records that declare none are scored by the model alone", min=0)
+    model: float = option(0.0, "weight of the reward stage's model, which scores prompt + reply (needs a `reward` "
+                               "section)", min=0)
+    habit_penalty: float = option(0.5, "what the tiny_world rule subtracts when the reply carries the habit's "
+                                       "preamble", min=0)
+
+    def validate(self, prefix: str) -> None:
+        if not (self.rule or self.model):
+            raise PipelineError(f"{prefix}: give `rule` or `model` a weight above 0; nothing would score the replies")
+
+
+@dataclass
+class RlConfig:
+    """Online RL from the SFT model (TRL's GRPOTrainer): each prompt is answered num_generations times, each reply is
+    scored by the reward, the group's mean is the baseline, and a KL penalty (beta) keeps the policy near SFT."""
+
+    train_data: list[str] = option([], "preference files whose prompts are answered (the pairs dpo reads; the "
+                                       "chosen and rejected replies are not used)", data=True)
+    format: str = option("auto", "data format; auto detects it from the fields of the first record",
+                         choices=data_formats("preference"))
+    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy, and the KL prompts", data=True)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy, habit rate and the "
+                                        "reward of the greedy replies", data=True)
+    eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
+    eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
+                                    "(a seeded hash of each prompt: the same prompts sft and dpo hold out)", min=0,
+                               max_exclusive=1)
+    bad_pairs: Literal["error", "drop"] = option("drop", "malformed pairs stop the stage, or are dropped and counted")
+    max_prompt_length: int = option(512, "longest rendered prompt in tokens; longer prompts are dropped and counted",
+                                     min=1)
+    trainable: Literal["lora", "lm_head"] = option(
+        "lora", "lora = a fresh LoRA adapter (reference: the adapter switched off); lm_head = only the output "
+                "projection, untied from the input embeddings (reference: a frozen copy of the SFT model; `lora` is "
+                "ignored; the stage saves a full model)")
+    lora: LoraArgs = option(LoraArgs, "shape of the fresh rl adapter")
+    reward: RlRewardArgs = option(RlRewardArgs, "what scores the replies")
+    beta: float = option(0.05, "weight of the KL penalty to the SFT model in the loss; 0 = unregularised (no "
+                               "reference forward passes, no KL logged during training)", min=0)
+    num_generations: int = option(4, "replies sampled per prompt (the group whose mean reward is the baseline)", min=2,
+                                  why="a lone reply has no group to be compared with: its advantage is always 0")
+    max_new_tokens: int = option(48, "longest sampled reply in tokens (also the held-out answers)", min=1)
+    temperature: float = option(1.0, "sampling temperature of the replies (also divides the logits in the loss, as "
+                                     "TRL does)", min_exclusive=0)
+    epochs: float = option(1.0, "passes over the prompts (ignored when max_steps > 0)", min_exclusive=0)
+    max_steps: int = option(0, "optimizer steps; 0 = use epochs", min=0)
+    global_batch_size: int = option(16, "replies per optimizer step, summed over processes: global_batch_size / "
+                                        "num_generations prompts, each answered num_generations times", min=1)
+    micro_batch_size: int = option(8, "most replies per forward pass on one process (a ceiling; the split is derived "
+                                      "from the global batch and the processes)", min=1)
+    learning_rate: float = option(1e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
+    warmup_ratio: float = option(0.0, "share of steps with linear warmup", min=0, max_exclusive=1,
+                                 why="transformers reads 1 or more as a number of steps")
+    lr_scheduler: str = option("constant", "transformers scheduler name", choices=LR_SCHEDULERS,
+                               refused=LR_SCHEDULERS_REFUSED)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto = bf16 where the hardware runs it fast")
+    logging_steps: int = option(1, "log reward, KL, reply length and tied groups every this many steps", min=1)
+    save_steps: int = option(100, "checkpoint every this many steps (resumed after a crash)", min=1)
+    generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
+                                            "when memory runs out", min=1)
+
+    def validate(self, prefix: str) -> None:
+        if not self.train_data:
+            raise PipelineError(f"{prefix}.train_data: list at least one preference file (its prompts are answered)")
+        if self.global_batch_size % self.num_generations:
+            raise PipelineError(f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                                f"num_generations ({self.num_generations}): each prompt's replies form one group")
+
+
+@dataclass
 class EvalConfig:
     """Every stage's model side by side on held-out data; by default the files the other stages name."""
 
@@ -455,6 +530,8 @@ class Recipe:
     dpo: Optional[DpoConfig] = option(None, "preference optimisation against the SFT model")
     reward: Optional[RewardConfig] = option(None, "a reward model (scalar head) trained on preference pairs from the "
                                                   "SFT model")
+    rl: Optional[RlConfig] = option(None, "online RL from the SFT model (GRPO): sampled replies scored by a rule and/or "
+                                          "the reward model, with a KL penalty to the SFT model")
     eval: Optional[EvalConfig] = option(None, "evaluate every stage side by side (report, transcripts, plots)")
 
     def validate(self, prefix: str) -> None:
@@ -470,6 +547,11 @@ class Recipe:
             raise PipelineError("recipe: the dpo stage starts from the SFT model; add an `sft` section")
         if self.reward and not self.sft:
             raise PipelineError("recipe: the reward stage starts from the SFT model; add an `sft` section")
+        if self.rl and not self.sft:
+            raise PipelineError("recipe: the rl stage starts from the SFT model; add an `sft` section")
+        if self.rl and self.rl.reward.model and not self.reward:
+            raise PipelineError("recipe: rl.reward.model scores replies with the reward stage's model; add a `reward` "
+                                "section, or set rl.reward.model: 0")
         if not self.stages and not self.base:
             raise PipelineError("recipe: no stages; add a section such as `tokenizer:` and `pretrain:`")
 

@@ -15,6 +15,11 @@ recipe is written into the stage's lineage.json):
 The metrics here are the reward stage's (and later the rl and eval stages'): held-out pairwise
 accuracy and margin, and, where the records declare the tiny-world scorer, how often the reply
 with the right fact outscores the same reply with a wrong one.
+
+The rl stage's rewards are here too, as TRL reward functions (called with the prompts, the sampled
+replies and the dataset's other columns; one float per reply, or None where a reward does not
+apply): `rule` (the rule a record's `scorer` field names, built from that data's own scorers) and
+`ModelReward` (a reward stage's model).
 """
 
 from __future__ import annotations
@@ -147,3 +152,59 @@ def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) 
         return {}
     return {"fact_ranking": metrics["pairwise_accuracy"], "fact_margin": metrics["mean_margin"],
             "fact_questions": metrics["pairs"]}
+
+
+# ---------------------------------------------------------------- rewards for rl
+
+
+def tiny_world_rule(reply: str, answer: str, habit_penalty: float) -> float:
+    """1 if the reply states the right fact, else 0 (the world's own answer_correct: the first sentence after any
+    preamble); minus `habit_penalty` when the habit's preamble is there (has_habit). The right fact after a
+    preamble scores 1 - habit_penalty, so a plain right answer is what scores best."""
+    from pipeline.data.world import answer_correct, has_habit
+
+    return float(answer_correct(reply, answer)) - habit_penalty * float(has_habit(reply))
+
+
+# a record's `scorer` -> its rule, as pipeline/evaluation.py SCORERS maps it to the held-out metrics
+RULES = {"tiny_world": tiny_world_rule}
+
+
+def rule_reward(reply: str, record: dict, habit_penalty: float) -> float | None:
+    """The rule the record declares in its `scorer` field, or None where it declares none or has no `answer`."""
+    rule = RULES.get(record.get("scorer") or "")
+    if rule is None or not record.get("answer"):
+        return None
+    return rule(reply, record["answer"], habit_penalty)
+
+
+def reply_text(completion) -> str:
+    """A sampled reply as text: TRL passes [{"role": "assistant", "content": ...}] for chat prompts. The space a
+    template puts after the role marker is decoded with the reply; generate_replies drops it the same way."""
+    text = completion[-1]["content"] if isinstance(completion, list) else completion
+    return text[1:] if text.startswith(" ") else text
+
+
+def rule_reward_function(habit_penalty: float):
+    """TRL reward function `rule`: the dataset's `answer` and `scorer` columns arrive as keyword arguments."""
+
+    def rule(prompts, completions, answer, scorer, **_) -> list[float | None]:
+        return [rule_reward(reply_text(c), {"answer": a, "scorer": s}, habit_penalty)
+                for c, a, s in zip(completions, answer, scorer)]
+
+    return rule
+
+
+class ModelReward:
+    """TRL reward function `model`: a reward stage's model scores prompt + reply, rendered by our chat renderer
+    exactly as the reward stage rendered its pairs (TRL's own path would re-template the text, and parse any
+    control tokens typed in a user's message)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.renderer = model, ChatRenderer(tokenizer)
+        self.__name__ = "model"  # TRL logs it as rewards/model/mean
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        sequences = [self.renderer.render([*prompt, {"role": "assistant", "content": reply_text(c)}]).input_ids
+                     for prompt, c in zip(prompts, completions)]
+        return reward_scores(self.model, sequences).tolist()

@@ -35,6 +35,7 @@ STAGE_MODULES = {
     "sft": "pipeline.stages.sft",
     "dpo": "pipeline.stages.dpo",
     "reward": "pipeline.stages.reward",
+    "rl": "pipeline.stages.rl",
     "eval": "pipeline.stages.eval",
 }
 

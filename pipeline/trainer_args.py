@@ -1,4 +1,4 @@
-"""What the two TRL stages (sft, dpo) derive from a recipe the same way: trainer arguments,
+"""What the TRL stages (sft, dpo, reward, rl) derive from a recipe the same way: trainer arguments,
 metrics logging and the checkpoint to resume from."""
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
         use_cpu=device_type == "cpu",
         gradient_checkpointing=False,
         # shuffled groups of similar lengths: with 20-400 token conversations a random batch is
-        # about half padding (measured by python -m pipeline.bench)
-        train_sampling_strategy=cfg.batching,
+        # about half padding (measured by python -m pipeline.bench). rl has no `batching`: GRPO's
+        # own sampler deals out each prompt num_generations times, and lengths are only known after sampling.
+        **({"train_sampling_strategy": cfg.batching} if hasattr(cfg, "batching") else {}),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,

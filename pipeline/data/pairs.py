@@ -8,10 +8,11 @@ from pipeline.data.split import split_held_out
 from pipeline.errors import PipelineError
 
 
-def load_pairs(files: list[str], fmt: str, on_bad: str) -> tuple[list[dict], dict]:
+def load_pairs(files: list[str], fmt: str, on_bad: str, keep: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+    """`keep`: top-level fields copied into each pair when present (rl keeps the tiny world's `answer` and `scorer`)."""
     pairs, report = [], {"dropped": {}, "duplicates": 0, "problems": []}
     for file in files:
-        result = read_records(file, "preference", fmt, on_bad=on_bad)
+        result = read_records(file, "preference", fmt, on_bad=on_bad, keep=keep)
         pairs += result.records
         report["duplicates"] += result.duplicates
         report["problems"] += result.problems[:5]
@@ -20,14 +21,14 @@ def load_pairs(files: list[str], fmt: str, on_bad: str) -> tuple[list[dict], dic
     return pairs, report
 
 
-def split_pairs(cfg, seed: int) -> tuple[list[dict], dict, list[dict]]:
+def split_pairs(cfg, seed: int, keep: tuple[str, ...] = ()) -> tuple[list[dict], dict, list[dict]]:
     """(training pairs, read report, held-out pairs): eval_data, or eval_split of train_data.
 
-    `cfg` is a stage section that reads pairs (dpo, reward): train_data, format, bad_pairs, eval_data, eval_split.
+    `cfg` is a stage section that reads pairs (dpo, reward, rl): train_data, format, bad_pairs, eval_data, eval_split.
     """
-    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs)
+    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs, keep)
     if cfg.eval_data:
-        return pairs, report, load_pairs(cfg.eval_data, "auto", "drop")[0]
+        return pairs, report, load_pairs(cfg.eval_data, "auto", "drop", keep)[0]
     train, held = split_held_out(pairs, cfg.eval_split, seed)
     report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "pairs": len(held)}
     return train, report, held

@@ -1,6 +1,6 @@
 """`pipeline serve RUN`: the run's finished stages behind an OpenAI-compatible API, and a page at / to compare two.
 
-    GET  /v1/models              every finished model stage (pretrain or base, sft, dpo) as a model id
+    GET  /v1/models              every finished model stage (pretrain or base, sft, dpo, rl) as a model id
     POST /v1/chat/completions    model, messages, temperature, top_p, max_tokens, stop, seed, stream
     GET  /                       the comparison page (static/index.html)
 
@@ -304,7 +304,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
         raise PipelineError(f"{run_dir}: not a run folder (no recipe.yaml); run a recipe first")
     stages = StageModels(run_dir).names()
     if not stages:
-        raise PipelineError(f"{run_dir}: no finished model stage (pretrain, base, sft or dpo) to serve")
+        raise PipelineError(f"{run_dir}: no finished model stage (pretrain, base, sft, dpo or rl) to serve")
     print(f"serving {', '.join(stages)} from {run_dir} at http://{host}:{port}/ (API: http://{host}:{port}/v1"
           f"{', key required' if api_key else ''}); models load on first use")
     uvicorn.run(create_app(run_dir, api_key), host=host, port=port, log_level="info")

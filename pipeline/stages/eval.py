@@ -1,8 +1,8 @@
 """eval stage (and `pipeline eval RUN`): every stage's model side by side on the same held-out data.
 
-Each finished model stage (pretrain or base, sft, dpo) is measured by pipeline/evaluation.py on
-the same held-out text, conversations and preference pairs; the adapter stages also against
-the stage before them (implicit rewards for dpo, KL for both). Writes report.json, report.md
+Each finished model stage (pretrain or base, sft, dpo, rl) is measured by pipeline/evaluation.py on
+the same held-out text, conversations and preference pairs; the later stages also against the
+model they started from (implicit rewards for dpo, KL for sft, dpo and rl). Writes report.json, report.md
 (with the metrics that apply to this data named), transcripts.jsonl and plots/*.png.
 """
 
@@ -20,8 +20,8 @@ from pipeline.lineage import stale_upstream
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
 
-MODEL_STAGES = ("pretrain", "base", "sft", "dpo")
-REFERENCE_OF = {"sft": "the pretrained or base model", "dpo": "the SFT model"}
+MODEL_STAGES = ("pretrain", "base", "sft", "dpo", "rl")
+REFERENCE_OF = {"sft": "the pretrained or base model", "dpo": "the SFT model", "rl": "the SFT model"}
 
 
 # ---------------------------------------------------------------- data
@@ -66,9 +66,9 @@ def held_out_sets(cfg: EvalConfig, recipe: Recipe) -> HeldOut:
 def evaluate_stage(stage: str, stage_dir: Path, data: HeldOut, cfg: EvalConfig, recipe: Recipe) -> tuple[dict, list[str]]:
     model, tokenizer = load_stage_model(stage_dir)
     adapter = stage in REFERENCE_OF and hasattr(model, "disable_adapter")
-    # dpo with `trainable: lm_head` saved a full model: its reference (the SFT model) is loaded beside it
+    # dpo or rl with `trainable: lm_head` saved a full model: its reference (the SFT model) is loaded beside it
     reference = load_stage_model(stage_dir.parent / "sft", merge_all=True)[0] \
-        if stage == "dpo" and not adapter and (stage_dir.parent / "sft").is_dir() else None
+        if stage in ("dpo", "rl") and not adapter and (stage_dir.parent / "sft").is_dir() else None
     measured = adapter or reference is not None
     settings = Settings(max_new_tokens=cfg.max_new_tokens, seed=recipe.seed, batch_size=cfg.generation_batch_size,
                         beta=recipe.dpo.beta if (stage == "dpo" and recipe.dpo) else None, reference=measured,
