@@ -314,7 +314,7 @@ def test_the_page_compares_two_stages_in_a_headless_browser(server, tmp_path):
         browser.find_element(By.ID, "message").send_keys("What is Tolbik's job?\n")  # Enter sends
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".turn.assistant[data-state=done]")) == 2)
         browser.save_screenshot(str(tmp_path / "serve.png"))
-        if os.environ.get("PIPELINE_SERVE_SCREENSHOT"):  # a picture of the test run (docs/serve.png: scripts/serve_screenshot.py)
+        if os.environ.get("PIPELINE_SERVE_SCREENSHOT"):  # the test run (README: scripts/serve_screenshot.py)
             shutil.copy(tmp_path / "serve.png", os.environ["PIPELINE_SERVE_SCREENSHOT"])
     finally:
         browser.quit()
