@@ -15,11 +15,25 @@ from pathlib import Path
 from typing import Any
 
 
+def default_file_mode() -> int:
+    """The mode a plainly created file gets here (0o666 less the umask). Temporary files (ours, and
+    safetensors' own writes since 0.8) are created 0o600, which would hide a run folder from the
+    rest of a team on a shared machine."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -63,7 +77,9 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder` (and the folders themselves) to disk."""
+    """Flush every file under `folder` (and the folders themselves) to disk, and give files written
+    private (0o600, see default_file_mode) the mode a plainly created file would have."""
+    mode = default_file_mode()
     for root, _dirs, files in os.walk(folder):
         for name in files:
             try:
@@ -71,6 +87,11 @@ def fsync_tree(folder: Path) -> None:
             except OSError:
                 continue  # removed meanwhile (a rotated checkpoint)
             try:
+                if os.fstat(fd).st_mode & 0o777 == 0o600 and mode != 0o600:
+                    try:
+                        os.fchmod(fd, mode)
+                    except PermissionError:
+                        pass  # someone else's file: left as it is
                 os.fsync(fd)
             finally:
                 os.close(fd)

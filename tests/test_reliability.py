@@ -278,3 +278,24 @@ def test_an_edited_chat_template_file_or_base_folder_reruns_the_stage(write_reci
     first = content_hashes(recipe.input_paths("base"))
     (base / "config.json").write_text('{"changed": true}')
     assert content_hashes(recipe.input_paths("base")) != first
+
+
+def test_finished_stage_files_are_readable_like_any_new_file(dpo_run):
+    """safetensors (0.8) and our atomic writes create files 0o600; a finished stage gives them the mode a
+    plainly created file gets (0o666 less the umask), so a shared machine's team can read a run."""
+    from pipeline.artifacts import default_file_mode
+
+    run_dir, _ = dpo_run
+    modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777)
+             for stage in ("pretrain", "sft", "dpo") for f in (run_dir / stage).rglob("*") if f.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != oct(default_file_mode())} == {}
+    assert default_file_mode() == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
