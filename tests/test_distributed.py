@@ -14,6 +14,8 @@ from pipeline.artifacts import read_json
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
 from tests.conftest import dpo_section, sft_section
+from tests.test_reward import reward_section
+from tests.test_rl import rl_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,13 +44,16 @@ def _sft_losses(run_dir):
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")
 def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
-    """pretrain, sft and dpo on 2 gloo processes train what 1 process trains on the same global batch."""
+    """pretrain, sft and dpo on 2 gloo processes train what 1 process trains on the same global batch;
+    reward and rl run there too and end with their ranks in sync."""
     common = {"pretrain.max_steps": 8, "pretrain.log_every": 1, "pretrain.global_batch_size": 8,
               "pretrain.micro_batch_size": 4,
               # 4 steps of 8 stay inside the first epoch of the 38 conversations: an epoch's last, partial
               # global batch is dealt out differently to 1 and 2 processes (accelerate evens it out)
               "sft": sft_section(tiny_world, eval_limit=4, logging_steps=1, micro_batch_size=2, max_steps=4),
-              "dpo": dpo_section(tiny_world, eval_limit=4, micro_batch_size=1)}
+              "dpo": dpo_section(tiny_world, eval_limit=4, micro_batch_size=1),
+              "reward": reward_section(tiny_world, eval_limit=4, max_steps=2, micro_batch_size=4),
+              "rl": rl_section(tiny_world, max_steps=2)}
     single = write_recipe("single", common)
     run_recipe(load_recipe(single))
 
@@ -61,7 +66,7 @@ def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout
     one_dir, two_dir = load_recipe(single).run_dir, load_recipe(double).run_dir
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "reward", "rl"):
         record = read_json(two_dir / stage / "stage.json")
         assert record["world_size"] == 2 and record["metrics"]["ranks_in_sync"] is True, stage
     assert read_json(two_dir / "pretrain" / "stage.json")["metrics"]["gradient_accumulation"] == 1  # 2 x 4 x 1
