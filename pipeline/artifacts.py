@@ -87,11 +87,7 @@ def fsync_tree(folder: Path) -> None:
             except OSError:
                 continue  # removed meanwhile (a rotated checkpoint)
             try:
-                if os.fstat(fd).st_mode & 0o777 == 0o600 and mode != 0o600:
-                    try:
-                        os.fchmod(fd, mode)
-                    except PermissionError:
-                        pass  # someone else's file: left as it is
+                _share(fd, mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -100,6 +96,30 @@ def fsync_tree(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _share(fd: int, mode: int) -> None:
+    """A file created private (0o600) gets `mode`; any other mode was chosen by someone and stays."""
+    if os.fstat(fd).st_mode & 0o777 == 0o600 and mode != 0o600:
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:
+            pass  # someone else's file: left as it is
+
+
+def share_files(folder: Path) -> None:
+    """Give the files under `folder` that were created private the mode a plainly created file gets."""
+    mode = default_file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                _share(fd, mode)
+            finally:
+                os.close(fd)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -145,6 +165,7 @@ CHECKSUMS = "checksums.json"
 def write_checksums(folder: Path) -> None:
     """sha256 of every file in a checkpoint folder, written last: a later load can tell a
     complete, intact checkpoint from a torn or overwritten one."""
+    share_files(folder)  # a checkpoint of a stage that never finishes is read by the team too
     sums = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != CHECKSUMS and not p.name.startswith(".")}
     atomic_write_json(folder / CHECKSUMS, sums)
