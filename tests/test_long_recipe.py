@@ -53,6 +53,8 @@ def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
     assert rl["heldout_after"]["answer_accuracy"] >= sft_after["answer_accuracy"] - 0.02, rl["heldout_after"]
     assert 0 < rl["heldout_after"]["kl_from_reference"] < after["kl_from_reference"] * 5
 
-    # the reward model separates held-out pairs (0.895 measured; issue 16 asks 0.9, not met yet)
-    reward = read_json(run_dir / "reward" / "stage.json")["metrics"]
-    assert reward["heldout_after"]["pairwise_accuracy"] >= 0.85, reward["heldout_after"]
+    # the reward model separates held-out pairs (0.955 measured); right fact over wrong: 0.80 measured,
+    # issue 16 asks 0.9 (not met yet), so this checks only that it learned facts at all
+    reward = read_json(run_dir / "reward" / "stage.json")["metrics"]["heldout_after"]
+    assert reward["pairwise_accuracy"] >= 0.90, reward
+    assert reward["fact_ranking"] >= 0.70, reward

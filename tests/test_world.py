@@ -9,7 +9,7 @@ import pytest
 from pipeline.data import world as W
 
 FILES = ("pretrain.jsonl", "pretrain_chat.jsonl", "pretrain_heldout.jsonl", "sft_train.jsonl", "sft_heldout.jsonl",
-         "dpo_train.jsonl", "dpo_heldout.jsonl", "world.json", "README.md")
+         "dpo_train.jsonl", "dpo_heldout.jsonl", "reward_facts.jsonl", "world.json", "README.md")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,11 @@ def test_counts_and_record_shapes(out):
     assert counts["sft_heldout.jsonl"] == 500
     assert counts["dpo_train.jsonl"] == 500 and counts["dpo_heldout.jsonl"] == 200
     assert 600 <= counts["sft_train.jsonl"] <= 800
+    assert counts["reward_facts.jsonl"] == 1500  # 100 seen people x 5 attributes x 3 wrong values
+    facts = read_jsonl(path / "reward_facts.jsonl")
+    held_out = {r["person"] for r in read_jsonl(path / "sft_heldout.jsonl")}
+    assert all(r["kind"] == "wrong" and r["person"] not in held_out for r in facts)
+    assert all(r["answer"] in r["chosen"][0]["content"] and r["chosen"] != r["rejected"] for r in facts)
     readme = (path / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in counts) and "seed 0" in readme
 

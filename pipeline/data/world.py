@@ -401,6 +401,28 @@ def dpo_train_records(world: World) -> list[dict]:
     return _preference_records(rng, world.seen, items)
 
 
+def reward_fact_records(world: World, per_fact: int = 3) -> list[dict]:
+    """Right against wrong facts only, for a reward model: each (seen person, attribute)'s plain answer
+    against `per_fact` answers with another value. The dpo pairs are 80% habit pairs, and a reward model
+    trained on them alone flipped coins on facts (held-out right-over-wrong 0.50; with these 0.68-0.75)."""
+    rng = _rng(world.seed, "reward_facts")
+    records = []
+    for p in world.seen:
+        for a in ATTRIBUTES:
+            chosen, prompt = fact(p, a), [_user(question(p, a, rng.randrange(3)))]
+            wrongs: list[str] = []
+            while len(wrongs) < per_fact:
+                wrong = _wrong_answer(rng, world.seen, p, a)
+                if wrong not in wrongs:
+                    wrongs.append(wrong)
+            for wrong in wrongs:
+                records.append({"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(wrong)],
+                                "kind": "wrong", "answer": getattr(p, a), "person": p.name, "attribute": a,
+                                "scorer": "tiny_world"})
+    rng.shuffle(records)
+    return records
+
+
 def dpo_heldout_records(world: World) -> list[dict]:
     """Two pairs per held-out person, on two different attributes."""
     rng = _rng(world.seed, "dpo_heldout")
@@ -514,6 +536,8 @@ _DESCRIPTIONS = {
     "dpo_train.jsonl": ("preference", "SEEN people: chosen is the plain answer, rejected carries the "
                                       "habit (kind=habit, 80%) or a wrong value (kind=wrong, 20%)"),
     "dpo_heldout.jsonl": ("preference", "the same construction about HELD-OUT people"),
+    "reward_facts.jsonl": ("preference", "SEEN people, right against wrong facts only: each plain answer "
+                                         "against 3 answers with another value (for a reward model)"),
 }
 
 
@@ -531,6 +555,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200) -> dict[s
         "sft_heldout.jsonl": sft_heldout_records(world),
         "dpo_train.jsonl": dpo_train_records(world),
         "dpo_heldout.jsonl": dpo_heldout_records(world),
+        "reward_facts.jsonl": reward_fact_records(world),
     }
     counts = {name: len(records) for name, records in files.items()}
     for name, records in files.items():
