@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import read_records
 from pipeline.data.split import split_held_out
@@ -32,6 +34,17 @@ def split_pairs(cfg, seed: int, keep: tuple[str, ...] = ()) -> tuple[list[dict],
     train, held = split_held_out(pairs, cfg.eval_split, seed)
     report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "pairs": len(held)}
     return train, report, held
+
+
+def training_pair_rows(cfg, renderer: ChatRenderer, seed: int, stage: str) -> tuple[list[dict], dict]:
+    """A pair stage's training rows (read, checked, held-out pairs split off, tokenized, too-long dropped) and
+    what that found: {report, too_long, tokenize_s}. `cfg` has split_pairs' fields and max_length."""
+    started = time.perf_counter()
+    pairs, report, _ = split_pairs(cfg, seed)
+    rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
+    if not rows:
+        raise PipelineError(f"{stage}: no usable pairs ({report}, too long: {too_long})")
+    return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
 
 
 def tokenize_pair(renderer: ChatRenderer, pair: dict) -> dict:

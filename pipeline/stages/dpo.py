@@ -26,10 +26,10 @@ from trl import DPOTrainer
 from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
-from pipeline.data.pairs import split_pairs, tokenize_pairs
+from pipeline.data.pairs import split_pairs, training_pair_rows
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
-from pipeline.errors import PipelineError, StageFailed
+from pipeline.errors import StageFailed
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
 from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
@@ -49,12 +49,7 @@ from pipeline.trainer_args import (
 
 def prepare_rows(cfg: DpoConfig, renderer: ChatRenderer, seed: int) -> tuple[list[dict], dict]:
     """Read, check and tokenize the training pairs (run once per run: see data/cache.py)."""
-    started = time.perf_counter()
-    pairs, report, _ = split_pairs(cfg, seed)
-    rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
-    if not rows:
-        raise PipelineError(f"dpo: no usable pairs ({report}, too long: {too_long})")
-    return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
+    return training_pair_rows(cfg, renderer, seed, "dpo")
 
 
 class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer):

@@ -20,10 +20,9 @@ from trl import RewardTrainer
 
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
-from pipeline.data.pairs import split_pairs, tokenize_pairs
+from pipeline.data.pairs import split_pairs, training_pair_rows
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
-from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS
 from pipeline.lineage import write_lineage
 from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
@@ -43,14 +42,9 @@ from pipeline.trainer_args import (
 
 def prepare_rows(cfg: RewardConfig, renderer: ChatRenderer, seed: int) -> tuple[list[dict], dict]:
     """The training pairs as TRL's reward rows: chosen_ids / rejected_ids are whole sequences (prompt + reply)."""
-    started = time.perf_counter()
-    pairs, report, _ = split_pairs(cfg, seed)
-    tokenized, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
-    if not tokenized:
-        raise PipelineError(f"reward: no usable pairs ({report}, too long: {too_long})")
-    rows = [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"],
-             "length": r["length"]} for r in tokenized]
-    return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
+    rows, info = training_pair_rows(cfg, renderer, seed, "reward")
+    return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"],
+             "length": r["length"]} for r in rows], info
 
 
 class RewardTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, RewardTrainer):
