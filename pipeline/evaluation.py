@@ -41,6 +41,14 @@ METRICS = {
 SCORED_FIELDS = ("answer", "attribute", "scorer")
 
 
+def read_scored_questions(files: list[str], limit: int) -> list[dict]:
+    """Held-out questions (conversations) with the fields their scorer needs, at most `limit` of them."""
+    from pipeline.data.readers import read_records
+
+    records = [r for file in files for r in read_records(file, "conversation", keep=SCORED_FIELDS).records]
+    return records[:limit]
+
+
 @dataclass
 class HeldOut:
     """What a model is measured on; each part is optional."""

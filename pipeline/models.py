@@ -255,6 +255,28 @@ def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, 
     return model
 
 
+def save_aligned_policy(policy, tokenizer, renderer, out_dir: Path, sft_dir: Path, trainable: str, stage: str) -> None:
+    """A preference stage's policy (dpo, rl) trained on the SFT model: its adapter on top of the SFT
+    chain (`trainable: lora`), or a full model folder (`lm_head`); the tokenizer; a generation config
+    that stops at the end of the assistant's turn; and the lineage that rebuilds it."""
+    from pipeline.generation import stop_token_ids
+    from pipeline.lineage import write_lineage
+
+    policy.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    generation = policy.generation_config
+    generation.eos_token_id = stop_token_ids(tokenizer, renderer)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out_dir)
+    base, adapters, options = lineage_of(sft_dir)
+    if trainable == "lora":
+        write_lineage(out_dir, base, [*adapters, out_dir], options,
+                      note=f"merge the earlier adapters into the base, then load the {stage} adapter on top")
+    else:  # a full model folder: its own base, loaded with the SFT base's options (dtype, attention)
+        write_lineage(out_dir, out_dir, [], options,
+                      note="a full model: the SFT model with only lm_head trained (untied from the embeddings)")
+
+
 def lineage_of(stage_dir: Path) -> tuple[str, list[Path], dict]:
     """(base, adapters, base options) of any model stage; a full model folder is its own base."""
     if (stage_dir / "lineage.json").is_file():

@@ -27,14 +27,11 @@ from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.pairs import split_pairs, training_pair_rows
-from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import StageFailed
-from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
-from pipeline.generation import stop_token_ids
-from pipeline.lineage import write_lineage
+from pipeline.evaluation import HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.logprobs import completion_logps
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, train_only_lm_head
+from pipeline.models import count_parameters, load_stage_model, lora_config, save_aligned_policy, train_only_lm_head
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -142,10 +139,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
                                   lambda: prepare_rows(cfg, renderer, seed))
     report, too_long = data["report"], data["too_long"]
     eval_pairs = split_pairs(cfg, seed)[2][: cfg.eval_limit]
-    answers = []
-    for file in cfg.answer_data:
-        answers += read_records(file, "conversation", keep=SCORED_FIELDS).records
-    answers = answers[: cfg.eval_limit]
+    answers = read_scored_questions(cfg.answer_data, cfg.eval_limit)
     ctx.log(f"{len(train_set):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; reference = the SFT model ({sft_dir})")
 
@@ -193,20 +187,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
                              pad_id).tolist()
 
     if ctx.is_main:
-        unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(ctx.out_dir)
-        generation = unwrapped.generation_config
-        generation.eos_token_id = stop_token_ids(tokenizer, renderer)
-        generation.pad_token_id = tokenizer.pad_token_id
-        generation.save_pretrained(ctx.out_dir)
-        base, adapters, options = lineage_of(sft_dir)
-        if cfg.trainable == "lora":
-            write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options,
-                          note="merge the earlier adapters into the base, then load the dpo adapter on top")
-        else:  # a full model folder: its own base, loaded with the SFT base's options (dtype, attention)
-            write_lineage(ctx.out_dir, ctx.out_dir, [], options,
-                          note="a full model: the SFT model with only lm_head trained (untied from the embeddings)")
+        save_aligned_policy(accelerator.unwrap_model(policy), tokenizer, renderer, ctx.out_dir, sft_dir,
+                            cfg.trainable, "dpo")
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,

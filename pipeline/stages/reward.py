@@ -21,9 +21,8 @@ from trl import RewardTrainer
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.pairs import split_pairs, training_pair_rows
-from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
-from pipeline.evaluation import SCORED_FIELDS
+from pipeline.evaluation import read_scored_questions
 from pipeline.lineage import write_lineage
 from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
 from pipeline.recipe import RewardConfig, ceiling_note, split_batch
@@ -96,10 +95,7 @@ def run(cfg: RewardConfig, ctx) -> dict:
                                   lambda: prepare_rows(cfg, renderer, seed))
     report, too_long = data["report"], data["too_long"]
     eval_pairs = split_pairs(cfg, seed)[2][: cfg.eval_limit]
-    answers = []
-    for file in cfg.answer_data:
-        answers += read_records(file, "conversation", keep=SCORED_FIELDS).records
-    answers = answers[: cfg.eval_limit]
+    answers = read_scored_questions(cfg.answer_data, cfg.eval_limit)
     ctx.log(f"{len(train_set):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; backbone = the SFT model ({sft_dir})")
 

@@ -46,15 +46,13 @@ from trl.trainer.utils import add_fused_lm_head
 from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.pairs import split_pairs, tokenize_pairs
-from pipeline.data.readers import read_records
 from pipeline.data.split import prompt_key
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
-from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
+from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.generation import prompts_of, stop_token_ids
-from pipeline.lineage import write_lineage
 from pipeline.logprobs import completion_logps
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, train_only_lm_head
+from pipeline.models import count_parameters, load_stage_model, lora_config, save_aligned_policy, train_only_lm_head
 from pipeline.recipe import RlConfig, ceiling_note, split_batch
 from pipeline.rewards import RULES, ModelReward, load_reward_model, rule_reward_function
 from pipeline.trainer_args import ChecksumOnSave, StopOnNonFinite, common_trainer_kwargs, resume_checkpoint
@@ -234,10 +232,7 @@ def run(cfg: RlConfig, ctx) -> dict:
     rows, prompts = prompt_rows(pairs, cfg, renderer)
     train_set = Dataset.from_list(rows)
     eval_pairs = eval_pairs[: cfg.eval_limit]
-    answers = []
-    for file in cfg.answer_data:
-        answers += read_records(file, "conversation", keep=SCORED_FIELDS).records
-    answers = answers[: cfg.eval_limit]
+    answers = read_scored_questions(cfg.answer_data, cfg.eval_limit)
     ctx.log(f"{prompts['prompts']:,} prompts ({prompts['with_rule']:,} with a rule) from {len(pairs):,} pairs; "
             f"repeated {prompts['repeated_prompts']}; too long {prompts['too_long']}; dropped "
             f"{report['dropped'] or 'none'}; reference = the SFT model ({sft_dir})")
@@ -303,20 +298,8 @@ def run(cfg: RlConfig, ctx) -> dict:
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in probe_rows], pad_id).tolist()
 
     if ctx.is_main:
-        unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(ctx.out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(ctx.out_dir)
-        generation = unwrapped.generation_config
-        generation.eos_token_id = stop_token_ids(tokenizer, renderer)
-        generation.pad_token_id = tokenizer.pad_token_id
-        generation.save_pretrained(ctx.out_dir)
-        base, adapters, options = lineage_of(sft_dir)
-        if cfg.trainable == "lora":
-            write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options,
-                          note="merge the earlier adapters into the base, then load the rl adapter on top")
-        else:  # a full model folder: its own base, loaded with the SFT base's options (dtype, attention)
-            write_lineage(ctx.out_dir, ctx.out_dir, [], options,
-                          note="a full model: the SFT model with only lm_head trained (untied from the embeddings)")
+        save_aligned_policy(accelerator.unwrap_model(policy), tokenizer, renderer, ctx.out_dir, sft_dir,
+                            cfg.trainable, "rl")
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,
