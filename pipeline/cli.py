@@ -346,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         _say_once(f"{exc}; rerun the same command to resume from the newest checkpoint")
         return 143
+    except BrokenPipeError:  # the reader went away (`pipeline check R | head -1`): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no second error at exit
+        return 0
     finally:
         if "torch" in sys.modules:  # only a verb that imported torch can have started a process group
             from pipeline.distributed import leave_process_group
