@@ -35,6 +35,7 @@ METRICS = {
     "reward_margin": "mean reward margin (beta x log-ratio vs the reference)",
     "chosen_perplexity": "perplexity of the chosen replies (lower is better)",
     "kl_from_reference": "KL from the reference model (nats per reply)",
+    "reward_score": "reward model's mean score of the replies (the run's reward stage; higher is better)",
 }
 
 # held-out record fields the readers keep: the expected answer, what it is about, which scorer applies

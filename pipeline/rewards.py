@@ -124,6 +124,12 @@ def reward_scores(model, sequences: list[list[int]], batch_size: int = 16) -> to
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def reply_scores(model, renderer: ChatRenderer, prompts: list[list[dict]], replies: list[str]) -> torch.Tensor:
+    """(N,) rewards of each reply to its prompt (a list of messages), rendered as the reward stage rendered pairs."""
+    return reward_scores(model, [renderer.render([*prompt, {"role": "assistant", "content": reply}]).input_ids
+                                 for prompt, reply in zip(prompts, replies)])
+
+
 def _share(margin: torch.Tensor) -> float:
     """Share of positive margins, a tie counting as half: the zero head at step 0 gives 0.5."""
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
@@ -205,6 +211,4 @@ class ModelReward:
         self.__name__ = "model"  # TRL logs it as rewards/model/mean
 
     def __call__(self, prompts, completions, **_) -> list[float]:
-        sequences = [self.renderer.render([*prompt, {"role": "assistant", "content": reply_text(c)}]).input_ids
-                     for prompt, c in zip(prompts, completions)]
-        return reward_scores(self.model, sequences).tolist()
+        return reply_scores(self.model, self.renderer, prompts, [reply_text(c) for c in completions]).tolist()

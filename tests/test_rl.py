@@ -187,6 +187,33 @@ def test_rl_logs_and_saves_a_loadable_model_with_kl_zero_at_step_0(run_rl):
     assert logps.tolist() == pytest.approx(metrics["probe_chosen_logps"], abs=1e-4)
 
 
+def test_eval_report_scores_every_stage_with_the_reward_model(run_rl, tmp_path):
+    """The eval report puts sft and rl side by side with the reward model's mean score of each stage's replies,
+    the same numbers the reward model gives those replies when scored by hand."""
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.generation import prompts_of
+    from pipeline.recipe import EvalConfig
+    from pipeline.rewards import load_reward_model, reply_scores
+    from pipeline.stages.eval import evaluate_run, held_out_sets
+
+    run_dir, _ = run_rl()
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    cfg = EvalConfig(limit=4, max_new_tokens=12, kl_prompts=2, generation_batch_size=4)
+    logged_lines = []
+    results = evaluate_run(run_dir, cfg, recipe, tmp_path / "eval", log=logged_lines.append)
+    assert {"sft", "rl"} <= set(results)
+    model, tokenizer = load_reward_model(run_dir / "reward")
+    prompts = prompts_of(held_out_sets(cfg, recipe).conversations)
+    transcripts = [json.loads(line) for line in (tmp_path / "eval" / "transcripts.jsonl").read_text().splitlines()]
+    for stage, metrics in results.items():
+        by_hand = reply_scores(model, ChatRenderer(tokenizer), prompts, [t[stage] for t in transcripts])
+        assert metrics["reward_score"] == pytest.approx(by_hand.mean().item(), abs=1e-5), stage
+    assert math.isfinite(results["rl"]["kl_from_reference"])
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| reward model's mean score of the replies" in report
+    assert any(line.startswith("reward model's mean score of each stage's replies: ") for line in logged_lines)
+
+
 def test_tied_rewards_give_no_gradient_and_beta_0_runs_unregularised(run_rl, monkeypatch):
     """A rule that scores every reply 1: every group ties, every advantage is 0, so the loss (with beta 0: the
     policy term alone) has zero gradient, the LoRA B matrices stay exactly zero, and the share is reported as 1."""

@@ -2,7 +2,9 @@
 
 Each finished model stage (pretrain or base, sft, dpo, rl) is measured by pipeline/evaluation.py on
 the same held-out text, conversations and preference pairs; the later stages also against the
-model they started from (implicit rewards for dpo, KL for sft, dpo and rl). Writes report.json, report.md
+model they started from (implicit rewards for dpo, KL for sft, dpo and rl). Where the run has a
+finished reward stage, its model scores every stage's replies to the held-out questions (one more
+row: how the learned reward judges each stage). Writes report.json, report.md
 (with the metrics that apply to this data named), transcripts.jsonl and plots/*.png.
 """
 
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text, read_json
+from pipeline.chat_template import ChatRenderer
 from pipeline.data.readers import read_records
 from pipeline.data.split import split_held_out
 from pipeline.evaluation import METRICS, SCORED_FIELDS, HeldOut, Settings, evaluate_model, metrics_that_apply, summary
@@ -19,6 +22,7 @@ from pipeline.generation import prompts_of
 from pipeline.lineage import stale_upstream
 from pipeline.models import load_stage_model
 from pipeline.recipe import EvalConfig, Recipe
+from pipeline.rewards import load_reward_model, reply_scores
 
 MODEL_STAGES = ("pretrain", "base", "sft", "dpo", "rl")
 REFERENCE_OF = {"sft": "the pretrained or base model", "dpo": "the SFT model", "rl": "the SFT model"}
@@ -75,6 +79,25 @@ def evaluate_stage(stage: str, stage_dir: Path, data: HeldOut, cfg: EvalConfig, 
                         kl_prompts=cfg.kl_prompts if measured else 0)
     result = evaluate_model(model, tokenizer, data, settings, reference=reference)
     return {k: v for k, v in result.metrics.items() if k != "scored"}, result.replies
+
+
+def score_with_reward_model(run_dir: Path, data: HeldOut, replies: dict, results: dict, log) -> None:
+    """Every stage's replies to the held-out questions scored by the run's reward model, when it has a
+    current one: `reward_score` (mean) in each stage's results."""
+    reward_dir = run_dir / "reward"
+    if read_stage_status(reward_dir) != "done" or not data.conversations or not any(replies.values()):
+        return
+    stale = stale_upstream(reward_dir)
+    if stale:
+        log(f"WARNING: no reward-model scores: {stale} (pipeline run RECIPE --from reward)")
+        return
+    model, tokenizer = load_reward_model(reward_dir)
+    renderer, prompts = ChatRenderer(tokenizer), prompts_of(data.conversations)
+    for stage, stage_replies in replies.items():
+        if stage_replies:
+            results[stage]["reward_score"] = reply_scores(model, renderer, prompts, stage_replies).mean().item()
+    log("reward model's mean score of each stage's replies: "
+        + ", ".join(f"{s} {r['reward_score']:.3f}" for s, r in results.items() if "reward_score" in r))
 
 
 # ---------------------------------------------------------------- report
@@ -142,6 +165,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, recipe: Recipe, out_dir: Path, 
         log(f"evaluating {stage} ({stage_dir})")
         results[stage], replies[stage] = evaluate_stage(stage, stage_dir, data, cfg, recipe)
         log(f"{stage}: {summary(results[stage])}")
+    score_with_reward_model(run_dir, data, replies, results, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_run(run_dir, out_dir / "plots", results)
     write_report(out_dir, run_dir, results, data, replies, cfg.transcripts)
