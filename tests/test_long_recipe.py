@@ -58,3 +58,10 @@ def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
     reward = read_json(run_dir / "reward" / "stage.json")["metrics"]["heldout_after"]
     assert reward["pairwise_accuracy"] >= 0.90, reward
     assert reward["fact_ranking"] >= 0.70, reward
+
+    # the eval report sets sft, dpo and rl side by side, with the reward model's score of each one's replies:
+    # the habit's preamble costs reward, so the aligned stages score above sft (-0.39 vs 2.11 / 2.11 measured)
+    stages = read_json(run_dir / "eval" / "report.json")["stages"]
+    assert {"sft", "dpo", "rl"} <= set(stages)
+    assert stages["dpo"]["reward_score"] > stages["sft"]["reward_score"] < stages["rl"]["reward_score"]
+    assert stages["rl"]["answer_accuracy"] >= stages["sft"]["answer_accuracy"] - 0.02
