@@ -301,6 +301,8 @@ class SftConfig:
                                       "smaller bounds peak memory but costs speed (bench, bf16 CPU: 2 gave 0.58x "
                                       "the tokens/s of 8)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
+    padding_free: bool = option(False, "each micro-batch as one row of its conversations end to end, with per-conversation "
+                                       "position ids (no padding; attention kept within each conversation)")
     learning_rate: float = option(1e-3, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
     warmup_ratio: float = option(0.05, "share of steps with linear warmup", min=0, max_exclusive=1,
                                  why="transformers reads 1 or more as a number of steps")

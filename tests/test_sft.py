@@ -84,6 +84,21 @@ def test_sft_stage_trains_only_the_adapter_and_saves_a_peft_checkpoint(write_rec
     assert (sft_dir / "metrics.jsonl").is_file()
 
 
+def test_padding_free_batches_give_the_padded_loss(write_recipe, tiny_world):
+    """sft.padding_free: a micro-batch as one row with per-conversation position ids. Attention stays within each
+    conversation (transformers builds the block mask from the position ids), so the loss of the first step (same
+    weights, same batches) equals the padded batch's, and so does the trained adapter's first update."""
+    losses = {}
+    for padding_free in (False, True):
+        path = write_recipe(updates={"sft": sft_section(tiny_world, max_steps=2, logging_steps=1, eval_limit=0,
+                                                        padding_free=padding_free)})
+        run_recipe(load_recipe(path))
+        rows = [json.loads(line) for line in (load_recipe(path).run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+        losses[padding_free] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[False]) == len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)
+
+
 def test_qlora_without_a_gpu_is_refused(write_recipe, tiny_world):
     path = write_recipe(updates={"sft": sft_section(tiny_world, quantization="4bit")})
     with pytest.raises(PipelineError, match=r"QLoRA\) needs a CUDA GPU"):

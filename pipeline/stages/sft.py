@@ -187,6 +187,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     args = SFTConfig(
         **common_trainer_kwargs(cfg, ctx, split, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
         weight_decay=cfg.weight_decay,
+        padding_free=cfg.padding_free,
         max_length=None,  # lengths are already handled by our policy above
         dataset_kwargs={"skip_prepare_dataset": True},
     )
