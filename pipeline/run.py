@@ -111,18 +111,58 @@ def use_cpu_cores(accelerator) -> int | None:
     return threads
 
 
-def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str]) -> str:
-    """Hash of everything that decides a stage's output."""
-    config = getattr(recipe, stage)
+def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str], config: dict | None = None) -> str:
+    """Hash of everything that decides a stage's output (`config`: the stage's section as a dict, default the recipe's)."""
+    if config is None:
+        section = getattr(recipe, stage)
+        config = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
     payload = {
         "stage": stage,
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "config": config,
         "seed": recipe.seed,
         "base": dataclasses.asdict(recipe.base) if recipe.base else None,
         "data": content_hashes(recipe.input_paths(stage)),
         "upstream": upstream_fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_before_new_options(recipe: Recipe, stage: str, upstream_fingerprints: list[str],
+                                   previous: dict) -> str | None:
+    """The fingerprint the finished stage in `previous` (its stage.json) was recorded with, when the only
+    difference is options added to the pipeline since it ran, each at its default; else None.
+
+    A new option's default keeps the old behaviour (the rule for adding one), so a stage that ran before the
+    option existed ran with that default: upgrading the pipeline must not rerun (and lose) finished stages.
+    """
+    section, recorded = getattr(recipe, stage), previous.get("config")
+    if previous.get("status") != "done" or not dataclasses.is_dataclass(section) or not isinstance(recorded, dict):
+        return None
+    pruned = _only_recorded_keys(section, recorded)
+    if pruned is None:
+        return None
+    fingerprint = stage_fingerprint(recipe, stage, upstream_fingerprints, pruned)
+    return fingerprint if fingerprint == previous.get("fingerprint") else None
+
+
+def _only_recorded_keys(section, recorded: dict) -> dict | None:
+    """`section` as a dict with only the keys `recorded` has; None when a key it lacks is not at its default."""
+    out = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if item.name not in recorded:
+            default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            if value != default:
+                return None
+            continue
+        if dataclasses.is_dataclass(value) and isinstance(recorded[item.name], dict):
+            value = _only_recorded_keys(value, recorded[item.name])
+            if value is None:
+                return None
+        else:
+            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        out[item.name] = value
+    return out
 
 
 def _select(recipe: Recipe, only: str | None, from_stage: str | None) -> tuple[list[str], set[str]]:
@@ -195,9 +235,11 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     records: dict[str, dict] = {}
     for stage in stages:
         fingerprint = stage_fingerprint(recipe, stage, fingerprints)
-        fingerprints.append(fingerprint)
         out_dir = run_dir / stage
         previous = read_stage_record(out_dir)
+        if previous.get("fingerprint") not in (None, fingerprint) and stage not in forced:
+            fingerprint = fingerprint_before_new_options(recipe, stage, fingerprints, previous) or fingerprint
+        fingerprints.append(fingerprint)
         visiting = only is None or stage == only
         upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}
         current = (previous.get("status") == "done" and previous.get("fingerprint") == fingerprint
@@ -209,7 +251,13 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
             records[stage] = previous
             continue
         if not visiting:
-            continue  # --only: an earlier stage that is not done; the stage asks for its output and says so
+            continue  # --only: an earlier stage that is not done; refused below, before this folder is touched
+        not_done = [name for name in stages[: stages.index(stage)] if name not in records]
+        if not_done:  # checked before _run_stage clears the folder: a refused rerun must not lose the last output
+            raise PipelineError(
+                f"stage {stage} needs the earlier stages done with the current config, but {', '.join(not_done)} "
+                f"{'is' if len(not_done) == 1 else 'are'} not (in {run_dir}); run them first: pipeline run "
+                f"{getattr(recipe, 'source', None) or '<recipe>'} --only {not_done[0]}")
         resumable = (previous.get("status") in ("running", "failed", "interrupted")
                      and previous.get("fingerprint") == fingerprint
                      and previous.get("upstream_runs", upstream_runs) == upstream_runs)

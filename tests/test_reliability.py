@@ -74,6 +74,36 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale_until_rerun(sft_run):
         load_stage_model(run_dir / "sft")
 
 
+def test_only_a_stage_whose_earlier_stage_is_stale_is_refused_before_its_folder_is_touched(sft_run):
+    path, run_dir, _ = sft_run
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "sft").rglob("*") if p.is_file()}
+    run_recipe(load_recipe(path, ["pretrain.max_steps=6"]), only="pretrain")
+    with pytest.raises(PipelineError, match=r"stage sft needs the earlier stages done .* but pretrain is not .*--only pretrain"):
+        run_recipe(load_recipe(path), only="sft")  # pretrain now differs from the recipe
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "sft").rglob("*") if p.is_file()} == before
+    assert read_json(run_dir / "sft" / "stage.json")["status"] == "done"
+
+
+def test_an_option_added_since_a_stage_ran_does_not_rerun_it_at_its_default(sft_run):
+    """A stage that finished before an option existed (its stage.json lacks the key) is current while the option
+    sits at its default; set to anything else, the stage reruns."""
+    from pipeline.artifacts import atomic_write_json
+    from pipeline.run import stage_fingerprint
+
+    path, run_dir, first = sft_run
+    recipe = load_recipe(path)
+    record = read_json(run_dir / "sft" / "stage.json")
+    del record["config"]["padding_free"], record["config"]["lora"]["dropout"]  # as written before these existed
+    upstream = [first[name]["fingerprint"] for name in ("tokenizer", "pretrain")]
+    record["fingerprint"] = stage_fingerprint(recipe, "sft", upstream, record["config"])
+    atomic_write_json(run_dir / "sft" / "stage.json", record)
+
+    again = run_recipe(recipe)
+    assert again["sft"]["run_id"] == first["sft"]["run_id"]  # skipped, not retrained
+    changed = run_recipe(load_recipe(path, ["sft.padding_free=true"]))
+    assert changed["sft"]["run_id"] != first["sft"]["run_id"]
+
+
 def test_a_forced_rerun_starts_afresh(sft_run, capsys):
     path, run_dir, first = sft_run
     records = run_recipe(load_recipe(path), only="sft")
