@@ -111,16 +111,20 @@ def use_cpu_cores(accelerator) -> int | None:
     return threads
 
 
-def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str], config: dict | None = None) -> str:
-    """Hash of everything that decides a stage's output (`config`: the stage's section as a dict, default the recipe's)."""
+def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str], config: dict | None = None,
+                      base: dict | None = None) -> str:
+    """Hash of everything that decides a stage's output (`config` and `base`: the stage's section and the base
+    section as dicts, default the recipe's)."""
     if config is None:
         section = getattr(recipe, stage)
         config = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    if base is None and recipe.base:
+        base = dataclasses.asdict(recipe.base)
     payload = {
         "stage": stage,
         "config": config,
         "seed": recipe.seed,
-        "base": dataclasses.asdict(recipe.base) if recipe.base else None,
+        "base": base,
         "data": content_hashes(recipe.input_paths(stage)),
         "upstream": upstream_fingerprints,
     }
@@ -128,7 +132,7 @@ def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[st
 
 
 def fingerprint_before_new_options(recipe: Recipe, stage: str, upstream_fingerprints: list[str],
-                                   previous: dict) -> str | None:
+                                   previous: dict, recorded_base: dict | None = None) -> str | None:
     """The fingerprint the finished stage in `previous` (its stage.json) was recorded with, when the only
     difference is options added to the pipeline since it ran, each at its default; else None.
 
@@ -139,9 +143,12 @@ def fingerprint_before_new_options(recipe: Recipe, stage: str, upstream_fingerpr
     if previous.get("status") != "done" or not dataclasses.is_dataclass(section) or not isinstance(recorded, dict):
         return None
     pruned = _only_recorded_keys(section, recorded)
-    if pruned is None:
+    # every stage's fingerprint holds the base section too: prune it by what the base stage recorded
+    recorded_base = recorded if stage == "base" else recorded_base
+    base = _only_recorded_keys(recipe.base, recorded_base) if recipe.base and isinstance(recorded_base, dict) else None
+    if pruned is None or (recipe.base and recorded_base is not None and base is None):
         return None
-    fingerprint = stage_fingerprint(recipe, stage, upstream_fingerprints, pruned)
+    fingerprint = stage_fingerprint(recipe, stage, upstream_fingerprints, pruned, base)
     return fingerprint if fingerprint == previous.get("fingerprint") else None
 
 
@@ -238,7 +245,8 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
         out_dir = run_dir / stage
         previous = read_stage_record(out_dir)
         if previous.get("fingerprint") not in (None, fingerprint) and stage not in forced:
-            fingerprint = fingerprint_before_new_options(recipe, stage, fingerprints, previous) or fingerprint
+            fingerprint = fingerprint_before_new_options(recipe, stage, fingerprints, previous,
+                                                         records.get("base", {}).get("config")) or fingerprint
         fingerprints.append(fingerprint)
         visiting = only is None or stage == only
         upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}

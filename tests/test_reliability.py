@@ -104,6 +104,32 @@ def test_an_option_added_since_a_stage_ran_does_not_rerun_it_at_its_default(sft_
     assert changed["sft"]["run_id"] != first["sft"]["run_id"]
 
 
+def test_an_option_added_to_the_base_section_does_not_rerun_the_chain(tiny_world, gemma_folder, tmp_path):
+    """Every stage's fingerprint holds the base section: a base option added since the chain ran (absent from the
+    base stage's record), at its default, leaves base and sft current."""
+    from pipeline.artifacts import atomic_write_json
+    from pipeline.run import stage_fingerprint
+
+    path = tmp_path / "based.yaml"
+    path.write_text(json.dumps({"name": "based", "output_dir": str(tmp_path / "runs"),
+                                "base": {"path": str(gemma_folder), "dtype": "float32"},
+                                "sft": sft_section(tiny_world, max_steps=1, eval_limit=0)}))
+    recipe = load_recipe(path)
+    first = run_recipe(recipe)
+    base_record = read_json(recipe.run_dir / "base" / "stage.json")
+    del base_record["config"]["revision"]  # as written before `revision` existed
+    old_base = {k: v for k, v in base_record["config"].items()}
+    base_record["fingerprint"] = stage_fingerprint(recipe, "base", [], base_record["config"], old_base)
+    atomic_write_json(recipe.run_dir / "base" / "stage.json", base_record)
+    sft_record = read_json(recipe.run_dir / "sft" / "stage.json")
+    sft_record["fingerprint"] = stage_fingerprint(recipe, "sft", [base_record["fingerprint"]], sft_record["config"],
+                                                  old_base)
+    atomic_write_json(recipe.run_dir / "sft" / "stage.json", sft_record)
+
+    again = run_recipe(load_recipe(path))
+    assert [again[s]["run_id"] for s in ("base", "sft")] == [first[s]["run_id"] for s in ("base", "sft")]
+
+
 def test_a_forced_rerun_starts_afresh(sft_run, capsys):
     path, run_dir, first = sft_run
     records = run_recipe(load_recipe(path), only="sft")
