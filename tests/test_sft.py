@@ -82,6 +82,9 @@ def test_sft_stage_trains_only_the_adapter_and_saves_a_peft_checkpoint(write_rec
     # SFT trains the reference replies' tokens: their perplexity falls
     assert metrics["heldout_after"]["response_perplexity"] < metrics["heldout_before"]["response_perplexity"]
     assert (sft_dir / "metrics.jsonl").is_file()
+    import trl.trainer.utils as trl_utils
+
+    assert trl_utils._use_triton._labelled_only_on_cpu  # TRL's head scored only labelled positions (pipeline/trl_cpu.py)
 
 
 def test_padding_free_batches_give_the_padded_loss(write_recipe, tiny_world):
