@@ -100,6 +100,9 @@ def test_an_option_added_since_a_stage_ran_does_not_rerun_it_at_its_default(sft_
 
     again = run_recipe(recipe)
     assert again["sft"]["run_id"] == first["sft"]["run_id"]  # skipped, not retrained
+    forced = run_recipe(load_recipe(path), only="sft")  # a rerun records today's fingerprint: later runs skip it
+    assert forced["sft"]["run_id"] != first["sft"]["run_id"]
+    assert run_recipe(load_recipe(path))["sft"]["run_id"] == forced["sft"]["run_id"]
     changed = run_recipe(load_recipe(path, ["sft.padding_free=true"]))
     assert changed["sft"]["run_id"] != first["sft"]["run_id"]
 
