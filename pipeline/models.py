@@ -6,6 +6,7 @@ Weights are loaded from safetensors only, and remote code only runs when the rec
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -115,6 +116,14 @@ def train_only_lm_head(model) -> None:
     for param in model.parameters():
         param.requires_grad = False
     head.weight.requires_grad = True
+
+
+def frozen_copy(model):
+    """The reference for lm_head training (dpo, rl): the SFT model as it is now, in eval mode, never trained
+    (with no adapter to switch off, the reference has to be a copy)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def count_parameters(model) -> tuple[int, int]:

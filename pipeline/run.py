@@ -243,12 +243,12 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     for stage in stages:
         fingerprint = stage_fingerprint(recipe, stage, fingerprints)
         out_dir = run_dir / stage
-        previous = read_stage_record(out_dir)
-        if previous.get("fingerprint") not in (None, fingerprint) and fingerprint_before_new_options(
-                recipe, stage, fingerprints, previous, records.get("base", {}).get("config")):
+        record = previous = read_stage_record(out_dir)
+        if record.get("fingerprint") not in (None, fingerprint) and fingerprint_before_new_options(
+                recipe, stage, fingerprints, record, records.get("base", {}).get("config")):
             # the same config but for options added since: the record stands for this config (a rerun records
             # the new fingerprint; later stages compare against whichever fingerprint the record keeps)
-            previous = {**previous, "recorded_fingerprint": previous["fingerprint"], "fingerprint": fingerprint}
+            previous = {**record, "fingerprint": fingerprint}
         visiting = only is None or stage == only
         upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}
         current = (previous.get("status") == "done" and previous.get("fingerprint") == fingerprint
@@ -257,8 +257,8 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
             if accelerator.is_main_process and visiting:
                 print(f"[{stage}] done already with the same config and inputs (fingerprint {fingerprint}): skipping",
                       flush=True)
-            fingerprints.append(previous.get("recorded_fingerprint", fingerprint))
-            records[stage] = read_stage_record(out_dir)
+            fingerprints.append(record["fingerprint"])
+            records[stage] = record
             continue
         fingerprints.append(fingerprint)
         if not visiting:

@@ -116,7 +116,8 @@ def test_trl_grpo_loss_by_hand(tiny_tokenizer, tmp_path):
     from trl import GRPOConfig
 
     from pipeline.chat_template import ChatRenderer
-    from pipeline.stages.rl import GRPOTrainerOnOurPrompts, frozen_copy
+    from pipeline.models import frozen_copy
+    from pipeline.stages.rl import GRPOTrainerOnOurPrompts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32,

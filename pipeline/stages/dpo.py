@@ -15,7 +15,6 @@ model folder.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -31,7 +30,14 @@ from pipeline.distributed import require_ranks_agree
 from pipeline.errors import StageFailed
 from pipeline.evaluation import HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.logprobs import completion_logps
-from pipeline.models import count_parameters, load_stage_model, lora_config, save_aligned_policy, train_only_lm_head
+from pipeline.models import (
+    count_parameters,
+    frozen_copy,
+    load_stage_model,
+    lora_config,
+    save_aligned_policy,
+    train_only_lm_head,
+)
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -58,24 +64,6 @@ class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer)
         if "prompt_ids" in dataset.column_names:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-
-# ---------------------------------------------------------------- model
-
-
-def load_sft_policy(ctx):
-    """The SFT model with every adapter merged in (in memory), the tokenizer the SFT stage saved,
-    and the SFT stage's folder; TRL adds the fresh DPO adapter on top."""
-    sft_dir = ctx.output_of("sft")
-    model, tokenizer = load_stage_model(sft_dir, merge_all=True)
-    return model, tokenizer, sft_dir
-
-
-def frozen_copy(model):
-    """The reference for lm_head training: the SFT model as it is now, in eval mode, never trained."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
 
 
 # ---------------------------------------------------------------- evaluation
@@ -129,7 +117,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
     split = split_batch("dpo", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
-    model, tokenizer, sft_dir = load_sft_policy(ctx)
+    sft_dir = ctx.output_of("sft")  # every SFT adapter merged in memory; TRL adds the fresh DPO adapter on top
+    model, tokenizer = load_stage_model(sft_dir, merge_all=True)
     reference = None  # lora: the policy with its adapter disabled
     if cfg.trainable == "lm_head":
         reference = frozen_copy(model)

@@ -34,7 +34,6 @@ weighted by rl.reward.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -52,7 +51,14 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.generation import prompts_of, stop_token_ids
 from pipeline.logprobs import completion_logps
-from pipeline.models import count_parameters, load_stage_model, lora_config, save_aligned_policy, train_only_lm_head
+from pipeline.models import (
+    count_parameters,
+    frozen_copy,
+    load_stage_model,
+    lora_config,
+    save_aligned_policy,
+    train_only_lm_head,
+)
 from pipeline.recipe import RlConfig, ceiling_note, split_batch
 from pipeline.rewards import RULES, ModelReward, load_reward_model, rule_reward_function
 from pipeline.trainer_args import ChecksumOnSave, StopOnNonFinite, common_trainer_kwargs, resume_checkpoint
@@ -113,22 +119,7 @@ class GRPOTrainerOnOurPrompts(StopOnNonFinite, GRPOTrainer):
         return [self.renderer.prompt_ids(prompt) for prompt in prompts], None, {}
 
 
-# ---------------------------------------------------------------- model and rewards
-
-
-def load_sft_policy(ctx):
-    """The SFT model with every adapter merged in (in memory), the tokenizer the SFT stage saved,
-    and the SFT stage's folder; TRL adds the fresh rl adapter on top."""
-    sft_dir = ctx.output_of("sft")
-    model, tokenizer = load_stage_model(sft_dir, merge_all=True)
-    return model, tokenizer, sft_dir
-
-
-def frozen_copy(model):
-    """The reference for lm_head training: the SFT model as it is now, in eval mode, never trained."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+# ---------------------------------------------------------------- rewards
 
 
 def build_rewards(cfg: RlConfig, ctx) -> tuple[list, list[float], str]:
@@ -217,7 +208,8 @@ def run(cfg: RlConfig, ctx) -> dict:
     split = split_batch("rl", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model, reference and rewards
-    model, tokenizer, sft_dir = load_sft_policy(ctx)
+    sft_dir = ctx.output_of("sft")  # every SFT adapter merged in memory; TRL adds the fresh rl adapter on top
+    model, tokenizer = load_stage_model(sft_dir, merge_all=True)
     renderer = ChatRenderer(tokenizer)
     # TRL stops a sampled reply at the model's eos ids: make that the end of the assistant's turn, as in chat
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)
