@@ -13,13 +13,14 @@ from pipeline.artifacts import append_jsonl, last_good_checkpoint, truncate_log,
 from pipeline.errors import StageFailed
 from pipeline.models import resolve_dtype
 from pipeline.recipe import BatchSplit
-from pipeline.trl_cpu import score_only_labelled_positions_on_cpu
+from pipeline.trl_cpu import fold_tiles_leanly_on_cpu, score_only_labelled_positions_on_cpu
 
 
 def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto") -> dict:
     """Arguments shared by SFTConfig and DPOConfig. Precision is explicit: TRL's defaults
     (bf16 and gradient checkpointing) raise on a machine without a GPU."""
     score_only_labelled_positions_on_cpu()  # every TRL stage comes through here before building its trainer
+    fold_tiles_leanly_on_cpu()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.precision == "auto":
         bf16 = resolve_dtype(base_dtype, device_type) == torch.bfloat16
