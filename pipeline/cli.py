@@ -77,7 +77,10 @@ def _cmd_check(args) -> int:
 def _cmd_data_generate(args) -> int:
     from pipeline.data.world import write_world
 
-    counts = write_world(args.out, seed=args.seed, people=args.people)
+    try:
+        counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out)
+    except ValueError as error:
+        raise PipelineError(f"pipeline data generate: {error}") from None
     for name, count in counts.items():
         print(f"  {args.out}/{name}: {count} records")
     return 0
@@ -306,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="data/tiny_world", help="output folder (default: data/tiny_world)")
     generate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     generate.add_argument("--people", type=int, default=200, help="number of invented people (default 200)")
+    generate.add_argument("--held-out", type=int, default=None, metavar="N",
+                          help="how many of them SFT and DPO never ask about (default: half)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

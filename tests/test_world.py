@@ -111,6 +111,23 @@ def test_held_out_people_only_in_pretraining(out):
     assert set(held + seen) <= words((path / "pretrain.jsonl").read_text())
 
 
+def test_a_smaller_held_out_group_keeps_the_split(tmp_path):
+    """--held-out N: N people are held out, the rest seen; friends and names stay inside their group."""
+    counts = W.write_world(tmp_path, seed=3, people=30, held_out=6)
+    facts = json.loads((tmp_path / "world.json").read_text())
+    assert facts["held_out"] == 6 and "held_out=6" in (tmp_path / "README.md").read_text()
+    held = {p["name"] for p in facts["people"] if p["split"] == "held_out"}
+    seen = {p["name"] for p in facts["people"] if p["split"] == "seen"}
+    assert len(held) == 6 and len(seen) == 24
+    assert all(p["best_friend"] in (held if p["name"] in held else seen) for p in facts["people"])
+    assert counts["sft_heldout.jsonl"] == 6 * len(W.ATTRIBUTES)
+    for name in ("sft_train.jsonl", "dpo_train.jsonl", "reward_facts.jsonl"):
+        assert not words((tmp_path / name).read_text()) & held, name
+    assert not words((tmp_path / "sft_heldout.jsonl").read_text()) & seen
+    with pytest.raises(ValueError, match="at least 3 seen and 3 held-out"):
+        W.generate_world(people=30, held_out=28)
+
+
 def test_every_fact_and_phrasing_is_in_pretraining(out):
     path, _ = out
     docs = [r["text"] for r in read_jsonl(path / "pretrain.jsonl")]
