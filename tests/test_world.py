@@ -211,14 +211,14 @@ def test_pretrain_chat_states_no_fact_about_people(out):
             assert not words(message["content"]) & fact_words, message
 
 
-COMMITTED_WORLDS = sorted((Path(__file__).resolve().parents[1] / "data").glob("tiny_world*"))
+COMMITTED_WORLDS = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "data").glob("*/world.json"))
 
 
 @pytest.mark.parametrize("committed", COMMITTED_WORLDS, ids=lambda p: p.name)
 def test_committed_world_is_what_the_generator_writes(committed, tmp_path):
-    """Each data/tiny_world* must be regenerable byte for byte from its recorded seed and size."""
+    """Each committed world must be regenerable byte for byte from its recorded seed, size and held-out count."""
     facts = json.loads((committed / "world.json").read_text())
-    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"])
+    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], held_out=facts.get("held_out"))
     for name in sorted(p.name for p in committed.iterdir()):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
 
