@@ -239,6 +239,8 @@ class PretrainConfig:
     learning_rate: float = option(2e-3, "peak learning rate (AdamW)", min_exclusive=0, max=1, why=LR_WHY)
     min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak (cosine decay)", min=0, max=1)
     warmup_steps: int = option(30, "linear warmup steps", min=0)
+    decay_steps: int = option(0, "0: cosine decay over every step after warmup; N: hold the peak, then cosine decay "
+                                 "over the last N steps (warmup-stable-decay)", min=0)
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms and biases)", min=0)
     adam_beta1: float = option(0.9, "AdamW beta1", min=0, max_exclusive=1)
     adam_beta2: float = option(0.95, "AdamW beta2", min=0, max_exclusive=1)
@@ -256,6 +258,10 @@ class PretrainConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one text file")
+        if self.decay_steps > self.max_steps - self.warmup_steps:
+            raise PipelineError(
+                f"{prefix}.decay_steps: {self.decay_steps} is more than the {self.max_steps - self.warmup_steps} "
+                f"steps after warmup (max_steps {self.max_steps} - warmup_steps {self.warmup_steps})")
         if self.seq_len > self.model.max_position_embeddings:
             raise PipelineError(
                 f"{prefix}.seq_len ({self.seq_len}) exceeds model.max_position_embeddings "

@@ -181,3 +181,26 @@ def test_kill_during_pretraining_then_rerun_resumes(write_recipe, cli_env):
     run_recipe(load_recipe(reference))
     straight = _losses(load_recipe(reference).run_dir)
     assert all(abs(resumed[s] - straight[s]) < 1e-3 for s in straight), "resume changed the loss curve"
+
+
+def test_learning_rate_schedules():
+    """Cosine after warmup by default; with decay_steps the peak holds until the last decay_steps (WSD)."""
+    import math
+
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.recipe import PretrainConfig
+    from pipeline.stages.pretrain import lr_at
+
+    cosine = PretrainConfig(train_data=["x"], max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cosine) == pytest.approx(0.1) and lr_at(9, cosine) == pytest.approx(1.0)
+    assert lr_at(55, cosine) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    wsd = PretrainConfig(train_data=["x"], max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1,
+                         decay_steps=20)
+    assert [lr_at(s, wsd) for s in (0, 9, 10, 50, 79)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0])
+    assert lr_at(90, wsd) == pytest.approx(0.55) and lr_at(99, wsd) < 0.12
+    assert all(lr_at(s, wsd) >= lr_at(s + 1, wsd) for s in range(10, 99))
+    wsd.decay_steps = 91
+    with pytest.raises(PipelineError, match="decay_steps: 91 is more than the 90 steps after warmup"):
+        wsd.validate("pretrain")

@@ -137,10 +137,14 @@ def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio of the peak."""
+    """Linear warmup, then cosine decay to min_lr_ratio of the peak: over every remaining step, or over the
+    last decay_steps after holding the peak (warmup-stable-decay)."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay_start = cfg.max_steps - cfg.decay_steps if cfg.decay_steps else cfg.warmup_steps
+    if step < decay_start:
+        return cfg.learning_rate
+    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
