@@ -17,6 +17,8 @@ that name is wrapped to also say yes for the CPU. A TRL without it is left as it
 
 from __future__ import annotations
 
+import torch
+
 
 def score_only_labelled_positions_on_cpu() -> bool:
     """Install the change (idempotent); False when this TRL has no such switch."""
@@ -54,8 +56,6 @@ def score_only_labelled_positions_on_cpu() -> bool:
 def _lean_forward_tile(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
                        max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
                        HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE):
-    import torch
-
     z = tile.float()  # the tile is a scratch buffer: when it is fp32 already, working in place is fine
     local = targets - vocab_start
     rows = torch.nonzero((local >= 0) & (local < n_cols)).squeeze(-1)
@@ -88,8 +88,6 @@ def _lean_forward_tile(tile, tile_stride, targets, running_max, sum_exp, x_sum_e
 def _lean_backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start,
                         n_cols, logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD,
                         BLOCK_SIZE):
-    import torch
-
     g = grad_logprobs if HAS_LOGPROB_GRAD else torch.zeros_like(log_z)
     log_p = tile.float().sub_(log_z.unsqueeze(-1))
     if HAS_ENTROPY_GRAD:
@@ -108,8 +106,8 @@ def _lean_backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprob
         tile.copy_(grad)
 
 
-def _plain(logit_scale, HAS_SOFTCAP, inv_t) -> bool:
-    return not HAS_SOFTCAP and logit_scale == 1 and inv_t == 1
+def _plain(kwargs) -> bool:
+    return not kwargs["HAS_SOFTCAP"] and kwargs["logit_scale"] == 1 and kwargs["inv_t"] == 1
 
 
 def fold_tiles_leanly_on_cpu() -> bool:
@@ -122,16 +120,15 @@ def fold_tiles_leanly_on_cpu() -> bool:
     if getattr(trl_forward, "_lean", False):
         return True
 
-    import torch
-
+    # the lean folds are looked up by name at call time, like TRL's own
     def forward_tile(tile, *args, **kwargs):
-        if not _plain(kwargs["logit_scale"], kwargs["HAS_SOFTCAP"], kwargs["inv_t"]):
+        if not _plain(kwargs):
             return trl_forward(tile, *args, **kwargs)
         with torch.autocast(tile.device.type, enabled=False):  # the dot products stay fp32 under autocast
             return _lean_forward_tile(tile, *args, **kwargs)
 
     def backward_tile(tile, *args, **kwargs):
-        if not _plain(kwargs["logit_scale"], kwargs["HAS_SOFTCAP"], kwargs["inv_t"]):
+        if not _plain(kwargs):
             return trl_backward(tile, *args, **kwargs)
         with torch.autocast(tile.device.type, enabled=False):
             return _lean_backward_tile(tile, *args, **kwargs)

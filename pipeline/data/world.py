@@ -123,11 +123,7 @@ class Person:
 class World:
     people: list[Person]
     seed: int = 0
-    n_held_out: int | None = None  # None: the second half
-
-    @property
-    def n_seen(self) -> int:
-        return len(self.people) // 2 if self.n_held_out is None else len(self.people) - self.n_held_out
+    n_seen: int = 0  # the first n_seen people are seen, the rest held out
 
     @property
     def seen(self) -> list[Person]:
@@ -172,7 +168,7 @@ def generate_world(seed: int = 0, people: int = 200, held_out: int | None = None
     for group in (names[:n_seen], names[n_seen:]):
         order = rng.sample(group, len(group))
         friend.update({a: b for a, b in zip(order, order[1:] + order[:1])})
-    return World(seed=seed, n_held_out=held_out, people=[
+    return World(seed=seed, n_seen=n_seen, people=[
         Person(n, rng.choice(TOWNS), rng.choice(JOBS), rng.choice(PETS), rng.choice(COLOURS), friend[n])
         for n in names])
 
@@ -571,7 +567,8 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
         _write_atomic(out / name, _jsonl(records))
 
     held = {p.name for p in world.held_out}
-    facts = {"seed": seed, "size": people, **({} if held_out is None else {"held_out": held_out}), "values": {a: list(v) for a, v in VALUES.items()},
+    facts = {"seed": seed, "size": people, **({} if held_out is None else {"held_out": held_out}),
+             "values": {a: list(v) for a, v in VALUES.items()},
              "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
                         for p in world.people]}
     _write_atomic(out / "world.json", json.dumps(facts, ensure_ascii=False, indent=1) + "\n")

@@ -81,11 +81,12 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
             reloaded = AutoModelForCausalLM.from_pretrained(ctx.out_dir, dtype=torch.float32, use_safetensors=True)
             gguf_logits = probe_logits(model, tokenizer)
             difference = (gguf_logits - probe_logits(reloaded, tokenizer)).abs().max().item()
+            largest = gguf_logits.abs().max().item()
             # relative to the logits' size: two fp32 forwards of the same weights differ by summation order
             # (seen: 1.1e-3 on Gemma's logits of ~30 when the machine was busy); a wrong import differs by O(1)
-            if difference > 1e-4 * max(1.0, gguf_logits.abs().max().item()):
+            if difference > 1e-4 * max(1.0, largest):
                 raise PipelineError(f"base: the imported folder's logits differ from the GGUF load by {difference} "
-                                    f"(largest logit {gguf_logits.abs().max().item():.1f})")
+                                    f"(largest logit {largest:.1f})")
             metrics.update(parameters=count_parameters(model)[1], import_max_logit_difference=difference,
                            architecture=model.config.model_type)
             ctx.log(f"imported {metrics['parameters'] / 1e6:.0f}M parameters ({model.config.model_type}) into "
