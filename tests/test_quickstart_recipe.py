@@ -25,22 +25,22 @@ from pipeline.run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = "data/quickstart_world"
-# the keys of recipes/quickstart.yaml that name a file of its world
-DATA_KEYS = {"tokenizer.corpus": "pretrain.jsonl", "pretrain.train_data": "pretrain.jsonl",
-             "pretrain.chat_data": "pretrain_chat.jsonl", "pretrain.eval_data": "pretrain_heldout.jsonl",
-             "sft.train_data": "sft_train.jsonl", "sft.eval_data": "sft_heldout.jsonl",
-             "dpo.train_data": "dpo_train.jsonl", "dpo.eval_data": "dpo_heldout.jsonl",
-             "dpo.answer_data": "sft_heldout.jsonl"}
+# the keys of recipes/quickstart.yaml that name files of its world
+DATA_KEYS = {"tokenizer.corpus": ["pretrain.jsonl"], "pretrain.train_data": ["pretrain.jsonl"],
+             "pretrain.chat_data": ["pretrain_chat.jsonl"], "pretrain.eval_data": ["pretrain_heldout.jsonl"],
+             "sft.train_data": ["sft_train.jsonl"], "sft.eval_data": ["sft_heldout.jsonl"],
+             "dpo.train_data": ["dpo_train.jsonl", "reward_facts.jsonl"], "dpo.eval_data": ["dpo_heldout.jsonl"],
+             "dpo.answer_data": ["sft_heldout.jsonl"]}
 
 
 def test_data_keys_name_every_world_file_the_recipe_reads():
     """The seed variants below swap these keys; a key added to the recipe must be added here."""
     text = (ROOT / "recipes" / "quickstart.yaml").read_text()
-    assert text.count(WORLD + "/") == len(DATA_KEYS)
+    assert text.count(WORLD + "/") == sum(map(len, DATA_KEYS.values()))
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    for key, file in DATA_KEYS.items():
+    for key, files in DATA_KEYS.items():
         section, field = key.split(".")
-        assert getattr(getattr(recipe, section), field) == [f"{WORLD}/{file}"], key
+        assert getattr(getattr(recipe, section), field) == [f"{WORLD}/{file}" for file in files], key
 
 
 @pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
@@ -54,7 +54,7 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
         facts = json.loads((ROOT / WORLD / "world.json").read_text())
         world = tmp_path / f"world_{world_seed}"
         write_world(world, seed=world_seed, people=facts["size"], held_out=facts["held_out"])
-        overrides += [f"{key}=[{world / file}]" for key, file in DATA_KEYS.items()]
+        overrides += [f"{key}=[{','.join(str(world / file) for file in files)}]" for key, files in DATA_KEYS.items()]
     run_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides))
     run_dir = tmp_path / "quickstart"
 
@@ -69,7 +69,8 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
     assert dpo["reward_accuracy"] >= 0.90 - 1e-6, dpo  # 45 of 50 pairs is 0.9 in float32, 0.8999999762
     assert dpo["answer_accuracy"] >= after["answer_accuracy"] - 0.02, dpo
 
-    # the report's transcripts show answers, not one memorised sentence: sft's replies differ and most are right
+    # the report's transcripts show answers, not one memorised sentence: sft's replies differ and name the
+    # expected value as often as the sft bar asks (one transcript per held-out question)
     rows = [json.loads(line) for line in (run_dir / "eval" / "transcripts.jsonl").read_text().splitlines()]
-    assert rows and len({row["sft"] for row in rows}) == len(rows)
-    assert sum(row["answer"] in row["sft"] for row in rows) >= len(rows) - 1
+    assert len(rows) == 125 and len({row["sft"] for row in rows}) == len(rows)
+    assert sum(row["answer"] in row["sft"] for row in rows) >= 0.90 * len(rows)

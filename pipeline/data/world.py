@@ -541,7 +541,8 @@ _DESCRIPTIONS = {
                                       "habit (kind=habit, 80%) or a wrong value (kind=wrong, 20%)"),
     "dpo_heldout.jsonl": ("preference", "the same construction about HELD-OUT people"),
     "reward_facts.jsonl": ("preference", "SEEN people, right against wrong facts only: each plain answer "
-                                         "against 3 answers with another value (for a reward model)"),
+                                         "against 3 answers with another value (for a reward model; beside the "
+                                         "dpo pairs, it carries the right-fact preference over to held-out people)"),
 }
 
 
