@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.bench.__main__ import summarise
 from pipeline.bench.flops import training_flops_per_token
-from pipeline.bench.workload import SFT_LENGTHS, varied_length_chats
+from pipeline.bench.workload import GEMMA_SFT_LENGTHS, SFT_LENGTHS, varied_length_chats
 
 
 def test_flops_per_token_by_hand():
@@ -27,12 +27,39 @@ def test_varied_length_chats_span_the_range(tiny_world, tiny_tokenizer):
 
     renderer = ChatRenderer(tiny_tokenizer)
     turns = [json.loads(line)["messages"] for line in (tiny_world / "sft_train.jsonl").read_text().splitlines()]
-    chats = varied_length_chats(turns, renderer, 40, seed=0)
-    lengths = [len(renderer.render(c["messages"]).input_ids) for c in chats]
-    low, high = SFT_LENGTHS
-    assert len(chats) == 40 and min(lengths) >= low and max(lengths) <= high
-    assert max(lengths) - min(lengths) > (high - low) / 2  # spread out, so padding matters
+    for low, high in (SFT_LENGTHS, GEMMA_SFT_LENGTHS):
+        chats = varied_length_chats(turns, renderer, 40, seed=0, lengths=(low, high))
+        lengths = [len(renderer.render(c["messages"]).input_ids) for c in chats]
+        assert len(chats) == 40 and min(lengths) >= low and max(lengths) <= high
+        assert max(lengths) - min(lengths) > (high - low) / 2  # spread out, so padding matters
     assert all(m["role"] == ("user", "assistant")[i % 2] for c in chats for i, m in enumerate(c["messages"]))
+
+
+def test_gemma_workload_has_no_pretrain_task(capsys):
+    from pipeline.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--workload", "gemma", "--tasks", "pretrain"])
+    assert "no pretrain task" in capsys.readouterr().err
+
+
+def test_trials_start_from_the_workloads_own_stages(tmp_path):
+    """The gemma workload starts from the imported base (no tokenizer or pretrain stage); its gigabyte of
+    weights is hard-linked into each trial's folder, not copied."""
+    import os
+
+    from pipeline.bench.workload import _mark, trial_run_dir
+
+    for stage in ("base", "sft"):
+        (tmp_path / "runs" / "setup" / stage / "cache").mkdir(parents=True)
+        (tmp_path / "runs" / "setup" / stage / "model.safetensors").write_bytes(b"weights")
+    _mark(tmp_path, "gemma", start="base")
+    run_dir = trial_run_dir(tmp_path, "dpo", 0)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base", "sft"]
+    assert not (run_dir / "base" / "cache").exists()
+    linked = run_dir / "base" / "model.safetensors"
+    assert os.path.samefile(linked, tmp_path / "runs" / "setup" / "base" / "model.safetensors")
+    assert sorted(p.name for p in trial_run_dir(tmp_path, "sft", 1).iterdir()) == ["base"]
 
 
 def _trial(contender, units, seconds, peak):

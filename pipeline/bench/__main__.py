@@ -2,8 +2,9 @@
 
     python -m pipeline.bench                      # pretrain, sft and dpo, 2 rounds
     python -m pipeline.bench --tasks sft --rounds 3 --out bench.json
+    python -m pipeline.bench --workload gemma --rounds 1   # sft and dpo on the real Gemma-3-270M base
 
-Every contender trains on the same tiny model and data (pipeline/bench/workload.py), one trial
+Every contender trains on the same model and data (pipeline/bench/workload.py), one trial
 per fresh process, interleaved A B A B so that drift of the machine hits all contenders alike.
 Prints throughput, peak memory and ratios against ours, and writes everything as JSON. Compare
 numbers only within one run: these machines drift by tens of percent between runs.
@@ -129,28 +130,43 @@ def print_table(task: str, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=["pretrain", "sft", "dpo"], default=["pretrain", "sft", "dpo"])
+    parser.add_argument("--workload", choices=["tiny", "gemma"], default="tiny",
+                        help="tiny = a 3.8M-parameter Llama on the tiny world (default); gemma = LoRA sft and dpo on "
+                             "the real Gemma-3-270M base (its package's GGUF) with real instructions from "
+                             "../shared/data, conversations of 64-512 tokens")
+    parser.add_argument("--tasks", nargs="+", choices=["pretrain", "sft", "dpo"],
+                        help="default: pretrain, sft and dpo (tiny); sft and dpo (gemma)")
     parser.add_argument("--contenders", nargs="+", help="only these contenders (ours always runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override our recipe for this run, to measure one lever (e.g. sft.batching=random)")
     parser.add_argument("--rounds", type=int, default=2, help="trials per contender, interleaved (default 2)")
     parser.add_argument("--size", choices=["full", "quick"], default="full", help="quick = a smoke test of the bench")
-    parser.add_argument("--workdir", default="runs/bench", help="where the workload and trial outputs go")
+    parser.add_argument("--workdir", help="where the workload and trial outputs go (default runs/bench, "
+                                          "runs/bench-gemma)")
+    parser.add_argument("--shared-data", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"),
+                        help="the shared data folder the gemma workload reads (default ../shared/data)")
     parser.add_argument("--out", help="JSON results (default WORKDIR/bench.json)")
     args = parser.parse_args(argv)
+    gemma = args.workload == "gemma"
+    args.tasks = args.tasks or (["sft", "dpo"] if gemma else ["pretrain", "sft", "dpo"])
+    if gemma and "pretrain" in args.tasks:
+        parser.error("the gemma workload has no pretrain task (its base is pretrained); use --tasks sft dpo")
 
     import torch
 
     from pipeline.bench.contenders import CONTENDERS
     from pipeline.bench.flops import matmul_peak, training_flops_per_token
-    from pipeline.bench.workload import SEQ_LEN, SIZES, prepare
+    from pipeline.bench.workload import SEQ_LEN, SIZES, prepare, prepare_gemma
 
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or ("runs/bench-gemma" if gemma else "runs/bench")).resolve()
     started = time.time()
     cpu = cpu_flags()
     print(f"CPU: {cpu['model']}; {', '.join(cpu['flags']) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)}", flush=True)
     print(f"preparing the workload in {workdir} ...", flush=True)
-    setup_dir = prepare(workdir, SIZES[args.size])
+    if gemma:
+        setup_dir = prepare_gemma(workdir, args.size, Path(args.shared_data))
+    else:
+        setup_dir = prepare(workdir, SIZES[args.size])
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
@@ -159,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     from transformers import AutoConfig
 
-    flops_per_token = training_flops_per_token(AutoConfig.from_pretrained(setup_dir / "pretrain"), SEQ_LEN)
+    # MFU is reported for pretraining only (the tiny workload's model)
+    flops_per_token = None if gemma else training_flops_per_token(AutoConfig.from_pretrained(setup_dir / "pretrain"),
+                                                                  SEQ_LEN)
 
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "cuda": torch.cuda.is_available(), "matmul_peak_flop_per_s": peaks,
                            "device": where, "cpu": cpu},
-               "size": args.size, "rounds": args.rounds, "overrides": args.overrides, "flops_per_token": flops_per_token, "tasks": {}}
+               "workload": args.workload, "size": args.size, "rounds": args.rounds, "overrides": args.overrides,
+               "flops_per_token": flops_per_token, "tasks": {}}
     for task in args.tasks:
         names = [n for n in CONTENDERS[task] if n == "ours" or not args.contenders or n in args.contenders]
         trials = []

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.workload import BATCH, SLOW_SUBSET, read_jsonl, trial_run_dir
+from pipeline.bench.workload import BATCH, SLOW_SUBSET, read_jsonl, start_stage, trial_run_dir
 
 
 def _recipe(workdir: Path, name: str, overrides: list[str] = ()):
@@ -110,9 +110,11 @@ def plain_pretrain(workdir: Path, trial: int) -> dict:
 
 
 def _pretrained(workdir: Path):
+    """The starting model as a user of TRL or a plain loop loads it: our pretrained model, or the imported
+    real base (saved in float32, transformers' default load; TRL's bf16 default autocasts it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = workdir / "runs" / "setup" / "pretrain"
+    source = workdir / "runs" / "setup" / start_stage(workdir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     return model, AutoTokenizer.from_pretrained(source)
 

