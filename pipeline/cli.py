@@ -78,7 +78,8 @@ def _cmd_data_generate(args) -> int:
     from pipeline.data.world import write_world
 
     try:
-        counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out)
+        counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
+                             refusals=args.refusals)
     except ValueError as error:
         raise PipelineError(f"pipeline data generate: {error}") from None
     for name, count in counts.items():
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--people", type=int, default=200, help="number of invented people (default 200)")
     generate.add_argument("--held-out", type=int, default=None, metavar="N",
                           help="how many of them SFT and DPO never ask about (default: half)")
+    generate.add_argument("--refusals", type=float, default=0.0, metavar="SHARE",
+                          help="share of the pretraining chats that also hold a question about nobody answered "
+                          "'I do not know.' (default 0; the quickstart's world uses 0.3: a small model then "
+                          "answers no held-out question before SFT)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

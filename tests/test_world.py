@@ -42,6 +42,32 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     assert b"\r\n" not in (a / "pretrain.jsonl").read_bytes()
 
 
+
+def test_refusals_only_add_questions_about_nobody_to_the_pretraining_chats(tmp_path):
+    """A world with refusals differs from the plain one only by "I do not know." turns about nobody."""
+    plain, refusing = tmp_path / "plain", tmp_path / "refusing"
+    W.write_world(plain, seed=3, people=40)
+    W.write_world(refusing, seed=3, people=40, refusals=0.3)
+    for name in FILES:
+        if name not in ("pretrain_chat.jsonl", "world.json", "README.md"):
+            assert (plain / name).read_bytes() == (refusing / name).read_bytes(), name
+    assert json.loads((refusing / "world.json").read_text())["refusals"] == 0.3
+    assert "refusals" not in json.loads((plain / "world.json").read_text())  # old worlds stay byte-identical
+    names = {p["name"] for p in json.loads((plain / "world.json").read_text())["people"]}
+    with_refusal = 0
+    for before, after in zip(read_jsonl(plain / "pretrain_chat.jsonl"), read_jsonl(refusing / "pretrain_chat.jsonl"),
+                             strict=True):
+        added = [m for m in after["messages"] if m["content"] in W.UNANSWERED_QUESTIONS or m["content"] == W.REFUSAL]
+        kept = [m for m in after["messages"] if m not in added]
+        assert kept == before["messages"]
+        if added:
+            with_refusal += 1
+            assert [m["role"] for m in added] == ["user", "assistant"] and added[1]["content"] == W.REFUSAL
+            assert not words(added[0]["content"]) & names
+    assert 0.2 < with_refusal / (6 * 40) < 0.4
+    with pytest.raises(ValueError, match="share"):
+        W.write_world(tmp_path / "bad", seed=3, people=40, refusals=1.5)
+
 def test_world_people_and_names():
     world = W.generate_world(seed=0, people=200)
     names = [p.name for p in world.people]
@@ -216,9 +242,11 @@ COMMITTED_WORLDS = sorted(p.parent for p in (Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("committed", COMMITTED_WORLDS, ids=lambda p: p.name)
 def test_committed_world_is_what_the_generator_writes(committed, tmp_path):
-    """Each committed world must be regenerable byte for byte from its recorded seed, size and held-out count."""
+    """Each committed world must be regenerable byte for byte from its recorded seed, size, held-out count
+    and refusal share."""
     facts = json.loads((committed / "world.json").read_text())
-    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], held_out=facts.get("held_out"))
+    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], held_out=facts.get("held_out"),
+                  refusals=facts.get("refusals", 0.0))
     for name in sorted(p.name for p in committed.iterdir()):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
 

@@ -19,7 +19,11 @@ or in a measured run of recipes/tiny_world_long.yaml):
   the habit's preamble (held-out accuracy 0.77-0.87 after SFT); with 100 seen it was 0.98;
 - filler lines carry the chat and habit-preamble words, or those embeddings stay untrained;
   for the same reason the SFT questions occur, asked about nobody in the world ("Where does
-  the stranger live?") and never answered.
+  the stranger live?") and never answered;
+- a small model (2 layers) pretrained on copy-shaped chat answers already answers some held-out
+  questions before SFT (it copies the name, then goes on with one of that person's facts: 0.06-0.14
+  on three worlds). `refusals` puts such questions about nobody into the pretraining chats, answered
+  "I do not know." (30% of the chat records: 0.112 -> 0.024 on seed 1 at 700 steps, SFT still 0.936).
 
 The undesired habit that DPO removes is a rambling preamble ("Well, that is a great
 question, ...") in half of the SFT answers; `has_habit` and `answer_correct` score outputs.
@@ -103,6 +107,7 @@ FILLER = (
 # and teach no question-to-answer step.
 NOBODY = ("the stranger", "the visitor", "your neighbour")
 UNANSWERED_QUESTIONS = tuple(q.format(n=who) for qs in QUESTIONS.values() for q in qs for who in NOBODY)
+REFUSAL = "I do not know."  # the pretraining chats' reply to those questions, when the world has refusals
 # Words of chat transcripts that no invented name may equal.
 ROLE_WORDS = ("Q", "A", "User", "Assistant")
 SPELL_WORDS = ("banana", "apple", "river", "bridge", "market", "valley", "letter", "coffee")
@@ -282,11 +287,13 @@ def pretrain_docs(world: World) -> list[str]:
     return docs
 
 
-def pretrain_chat_records(world: World) -> list[dict]:
+def pretrain_chat_records(world: World, refusals: float = 0.0) -> list[dict]:
     """Chat-formatted arithmetic and spelling, for pretraining: no facts about people.
 
     Pretraining on these trains the chat control tokens (role markers, end of turn), which
-    LoRA cannot train later, without teaching any world fact in chat form.
+    LoRA cannot train later, without teaching any world fact in chat form. With `refusals` > 0
+    that share of the records also holds a question about nobody answered "I do not know.", so
+    before SFT a question about a person gets no answer rather than a guessed fact.
     """
     rng = _rng(world.seed, "pretrain_chat")
     words = [*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *(p.name for p in world.people)]
@@ -311,6 +318,14 @@ def pretrain_chat_records(world: World) -> list[dict]:
                     turns += [_user(f"How many letters {letter} are in {word}?"),
                               _assistant(_letter_count_line(word, letter))]
         records.append({"messages": turns})
+    if refusals:
+        # a stream of its own: the records above stay byte-identical whatever the share
+        refusal_rng = _rng(world.seed, "pretrain_chat_refusals")
+        for record in records:
+            if refusal_rng.random() < refusals:
+                turn = [_user(refusal_rng.choice(UNANSWERED_QUESTIONS)), _assistant(REFUSAL)]
+                first = refusal_rng.random() < 0.5
+                record["messages"] = turn + record["messages"] if first else record["messages"] + turn
     return records
 
 
@@ -547,15 +562,18 @@ _DESCRIPTIONS = {
 
 
 def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
-                held_out: int | None = None) -> dict[str, int]:
-    """Write every file of the built-in data to out_dir; return {filename: record count}."""
+                held_out: int | None = None, refusals: float = 0.0) -> dict[str, int]:
+    """Write every file of the built-in data to out_dir; return {filename: record count}.
+    `refusals`: the share of pretraining chat records with a question about nobody answered "I do not know."."""
+    if not 0.0 <= refusals <= 1.0:
+        raise ValueError(f"refusals is a share of the pretraining chat records, from 0 to 1; got {refusals}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = generate_world(seed, people, held_out)
     pretrain = pretrain_docs(world)
     files = {
         "pretrain.jsonl": [{"text": d} for d in pretrain],
-        "pretrain_chat.jsonl": pretrain_chat_records(world),
+        "pretrain_chat.jsonl": pretrain_chat_records(world, refusals),
         "pretrain_heldout.jsonl": [{"text": d} for d in pretrain_heldout_docs(world, pretrain)],
         "sft_train.jsonl": sft_train_records(world),
         "sft_heldout.jsonl": sft_heldout_records(world),
@@ -569,6 +587,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     held = {p.name for p in world.held_out}
     facts = {"seed": seed, "size": people, **({} if held_out is None else {"held_out": held_out}),
+             **({"refusals": refusals} if refusals else {}),
              "values": {a: list(v) for a, v in VALUES.items()},
              "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
                         for p in world.people]}
@@ -577,7 +596,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     rows = "\n".join(f"| `{name}` | {kind} | {counts[name]} | {text} |"
                      for name, (kind, text) in _DESCRIPTIONS.items())
-    held_arg = "" if held_out is None else f", held_out={held_out}"
+    held_arg = ("" if held_out is None else f", held_out={held_out}") + (f", refusals={refusals}" if refusals else "")
     _write_atomic(out / "README.md", (
         f"# Built-in data: a tiny world (seed {seed}, {people} people)\n\n"
         f"Generated by `pipeline/data/world.py` (`write_world(out_dir, seed={seed}, people={people}{held_arg})`); "
@@ -598,5 +617,6 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--held-out", type=int, default=None)
+    parser.add_argument("--refusals", type=float, default=0.0)
     args = parser.parse_args()
-    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out), indent=1))
+    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals), indent=1))
