@@ -4,7 +4,7 @@ same-size worlds of two other seeds (the recipe is not tuned to one world).
 Pretraining stores the facts of 100 people and never answers a question; SFT asks about 75 of them; the
 other 25 are held out. Held-out answer accuracy must start at most 0.10 and reach at least 0.90 after SFT;
 DPO then removes the habit (at most 0.01, greedy) with preference accuracy at least 0.90 and answers kept
-(within 2 points of SFT's). About 8 minutes per world on a 2-core CPU with bf16 hardware, so the test is not
+(within 2 points of SFT's). About 4 minutes per world on a 2-core CPU with bf16 hardware, so the test is not
 part of the default run:
 
     PIPELINE_LONG_TESTS=1 python -m pytest -q tests/test_quickstart_recipe.py
@@ -44,7 +44,7 @@ def test_data_keys_name_every_world_file_the_recipe_reads():
 
 
 @pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
-                    reason="runs recipes/quickstart.yaml on three worlds, about 8 minutes each on 2 CPU cores with bf16 hardware; "
+                    reason="runs recipes/quickstart.yaml on three worlds, about 4 minutes each on 2 CPU cores with bf16 hardware; "
                            "set PIPELINE_LONG_TESTS=1 to run it")
 @pytest.mark.parametrize("world_seed", [0, 1, 2])
 def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkeypatch):
@@ -71,7 +71,9 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
     assert dpo["answer_accuracy"] >= after["answer_accuracy"] - 0.02, dpo
 
     # the report's transcripts show answers, not one memorised sentence: sft's replies differ and name the
-    # expected value as often as the sft bar asks (one transcript per held-out question)
+    # expected value as often as the sft bar asks (one transcript per held-out question). A wrong answer may
+    # repeat a right one (another question about the same person answered with this fact), so "differ" means
+    # at least as many distinct replies as the bar asks right answers.
     rows = [json.loads(line) for line in (run_dir / "eval" / "transcripts.jsonl").read_text().splitlines()]
-    assert len(rows) == 125 and len({row["sft"] for row in rows}) == len(rows)
+    assert len(rows) == 125 and len({row["sft"] for row in rows}) >= 0.90 * len(rows)
     assert sum(row["answer"] in row["sft"] for row in rows) >= 0.90 * len(rows)
