@@ -79,7 +79,7 @@ def _cmd_data_generate(args) -> int:
 
     try:
         counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
-                             refusals=args.refusals)
+                             refusals=args.refusals, lead_ins=args.lead_ins)
     except ValueError as error:
         raise PipelineError(f"pipeline data generate: {error}") from None
     for name, count in counts.items():
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="share of the pretraining chats that also hold a question about nobody answered "
                           "'I do not know.' (default 0; the quickstart's world uses 0.3: a small model then "
                           "answers no held-out question before SFT)")
+    generate.add_argument("--lead-ins", type=float, default=0.0, metavar="SHARE",
+                          help="share of the pretraining chats' spelling answers that open with one or two neutral "
+                          "sentences before copying the word (default 0; the quickstart's world uses 0.5: a small "
+                          "model then copies the asked name after the habit's preamble too)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

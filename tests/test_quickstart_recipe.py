@@ -54,7 +54,7 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
         facts = json.loads((ROOT / WORLD / "world.json").read_text())
         world = tmp_path / f"world_{world_seed}"
         write_world(world, seed=world_seed, people=facts["size"], held_out=facts["held_out"],
-                    refusals=facts.get("refusals", 0.0))
+                    refusals=facts.get("refusals", 0.0), lead_ins=facts.get("lead_ins", 0.0))
         overrides += [f"{key}=[{','.join(str(world / file) for file in files)}]" for key, files in DATA_KEYS.items()]
     run_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides))
     run_dir = tmp_path / "quickstart"

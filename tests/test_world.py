@@ -68,6 +68,28 @@ def test_refusals_only_add_questions_about_nobody_to_the_pretraining_chats(tmp_p
     with pytest.raises(ValueError, match="share"):
         W.write_world(tmp_path / "bad", seed=3, people=40, refusals=1.5)
 
+
+def test_lead_ins_only_open_spelling_answers_with_neutral_lines(tmp_path):
+    plain, led = tmp_path / "plain", tmp_path / "led"
+    W.write_world(plain, seed=3, people=40, refusals=0.3)
+    W.write_world(led, seed=3, people=40, refusals=0.3, lead_ins=0.5)
+    assert json.loads((led / "world.json").read_text())["lead_ins"] == 0.5
+    opened = spelled = 0
+    for before, after in zip(read_jsonl(plain / "pretrain_chat.jsonl"), read_jsonl(led / "pretrain_chat.jsonl"),
+                             strict=True):
+        for old, new in zip(before["messages"], after["messages"], strict=True):
+            if old == new:
+                continue
+            assert old["role"] == "assistant" and " is spelled " in old["content"]
+            opening = new["content"][: -len(old["content"]) - 1]
+            assert new["content"].endswith(" " + old["content"]) and W.HABIT_PHRASE not in opening
+            assert all(sentence + "." in W.LEAD_INS for sentence in opening[:-1].split(". "))
+            opened += 1
+        spelled += sum(" is spelled " in m["content"] for m in before["messages"])
+    assert 0.35 < opened / spelled < 0.65
+    with pytest.raises(ValueError, match="lead_ins"):
+        W.write_world(tmp_path / "bad", seed=3, people=40, lead_ins=-0.1)
+
 def test_world_people_and_names():
     world = W.generate_world(seed=0, people=200)
     names = [p.name for p in world.people]
@@ -246,7 +268,7 @@ def test_committed_world_is_what_the_generator_writes(committed, tmp_path):
     and refusal share."""
     facts = json.loads((committed / "world.json").read_text())
     W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], held_out=facts.get("held_out"),
-                  refusals=facts.get("refusals", 0.0))
+                  refusals=facts.get("refusals", 0.0), lead_ins=facts.get("lead_ins", 0.0))
     for name in sorted(p.name for p in committed.iterdir()):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
 

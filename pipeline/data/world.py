@@ -23,7 +23,11 @@ or in a measured run of recipes/tiny_world_long.yaml):
 - a small model (2 layers) pretrained on copy-shaped chat answers already answers some held-out
   questions before SFT (it copies the name, then goes on with one of that person's facts: 0.06-0.14
   on three worlds). `refusals` puts such questions about nobody into the pretraining chats, answered
-  "I do not know." (30% of the chat records: 0.112 -> 0.024 on seed 1 at 700 steps, SFT still 0.936).
+  "I do not know." (30% of the chat records: 0.112 -> 0.024 on seed 1 at 700 steps, SFT still 0.936);
+- that small model, trained in fp32, copied a seen person's name instead of the asked one after the
+  habit's preamble (SFT 0.856 on seed 0): nothing in pretraining copies a word from the question after
+  a few sentences. `lead_ins` opens that share of the chats' spelling answers with one or two neutral
+  filler lines before the copied word (half of them: SFT 0.960 on the same world and precision).
 
 The undesired habit that DPO removes is a rambling preamble ("Well, that is a great
 question, ...") in half of the SFT answers; `has_habit` and `answer_correct` score outputs.
@@ -108,6 +112,8 @@ FILLER = (
 NOBODY = ("the stranger", "the visitor", "your neighbour")
 UNANSWERED_QUESTIONS = tuple(q.format(n=who) for qs in QUESTIONS.values() for q in qs for who in NOBODY)
 REFUSAL = "I do not know."  # the pretraining chats' reply to those questions, when the world has refusals
+# Filler lines without the habit: what a spelling answer may open with (`lead_ins`) before copying the word.
+LEAD_INS = tuple(line for line in FILLER if HABIT_PHRASE not in line)
 # Words of chat transcripts that no invented name may equal.
 ROLE_WORDS = ("Q", "A", "User", "Assistant")
 SPELL_WORDS = ("banana", "apple", "river", "bridge", "market", "valley", "letter", "coffee")
@@ -287,13 +293,14 @@ def pretrain_docs(world: World) -> list[str]:
     return docs
 
 
-def pretrain_chat_records(world: World, refusals: float = 0.0) -> list[dict]:
+def pretrain_chat_records(world: World, refusals: float = 0.0, lead_ins: float = 0.0) -> list[dict]:
     """Chat-formatted arithmetic and spelling, for pretraining: no facts about people.
 
     Pretraining on these trains the chat control tokens (role markers, end of turn), which
     LoRA cannot train later, without teaching any world fact in chat form. With `refusals` > 0
     that share of the records also holds a question about nobody answered "I do not know.", so
-    before SFT a question about a person gets no answer rather than a guessed fact.
+    before SFT a question about a person gets no answer rather than a guessed fact. With `lead_ins` > 0
+    that share of the spelling answers opens with one or two neutral lines before the copied word.
     """
     rng = _rng(world.seed, "pretrain_chat")
     words = [*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *(p.name for p in world.people)]
@@ -326,6 +333,14 @@ def pretrain_chat_records(world: World, refusals: float = 0.0) -> list[dict]:
                 turn = [_user(refusal_rng.choice(UNANSWERED_QUESTIONS)), _assistant(REFUSAL)]
                 first = refusal_rng.random() < 0.5
                 record["messages"] = turn + record["messages"] if first else record["messages"] + turn
+    if lead_ins:
+        lead_in_rng = _rng(world.seed, "pretrain_chat_lead_ins")  # its own stream too
+        for record in records:
+            for message in record["messages"]:
+                if message["role"] == "assistant" and " is spelled " in message["content"] \
+                        and lead_in_rng.random() < lead_ins:
+                    opening = " ".join(lead_in_rng.sample(LEAD_INS, lead_in_rng.randint(1, 2)))
+                    message["content"] = f"{opening} {message['content']}"
     return records
 
 
@@ -562,18 +577,20 @@ _DESCRIPTIONS = {
 
 
 def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
-                held_out: int | None = None, refusals: float = 0.0) -> dict[str, int]:
+                held_out: int | None = None, refusals: float = 0.0, lead_ins: float = 0.0) -> dict[str, int]:
     """Write every file of the built-in data to out_dir; return {filename: record count}.
-    `refusals`: the share of pretraining chat records with a question about nobody answered "I do not know."."""
-    if not 0.0 <= refusals <= 1.0:
-        raise ValueError(f"refusals is a share of the pretraining chat records, from 0 to 1; got {refusals}")
+    `refusals`: the share of pretraining chat records with a question about nobody answered "I do not know.";
+    `lead_ins`: the share of the pretraining chats' spelling answers that open with neutral lines."""
+    for name, share in (("refusals", refusals), ("lead_ins", lead_ins)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} is a share of the pretraining chats, from 0 to 1; got {share}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = generate_world(seed, people, held_out)
     pretrain = pretrain_docs(world)
     files = {
         "pretrain.jsonl": [{"text": d} for d in pretrain],
-        "pretrain_chat.jsonl": pretrain_chat_records(world, refusals),
+        "pretrain_chat.jsonl": pretrain_chat_records(world, refusals, lead_ins),
         "pretrain_heldout.jsonl": [{"text": d} for d in pretrain_heldout_docs(world, pretrain)],
         "sft_train.jsonl": sft_train_records(world),
         "sft_heldout.jsonl": sft_heldout_records(world),
@@ -587,7 +604,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     held = {p.name for p in world.held_out}
     facts = {"seed": seed, "size": people, **({} if held_out is None else {"held_out": held_out}),
-             **({"refusals": refusals} if refusals else {}),
+             **({"refusals": refusals} if refusals else {}), **({"lead_ins": lead_ins} if lead_ins else {}),
              "values": {a: list(v) for a, v in VALUES.items()},
              "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
                         for p in world.people]}
@@ -596,7 +613,8 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     rows = "\n".join(f"| `{name}` | {kind} | {counts[name]} | {text} |"
                      for name, (kind, text) in _DESCRIPTIONS.items())
-    held_arg = ("" if held_out is None else f", held_out={held_out}") + (f", refusals={refusals}" if refusals else "")
+    held_arg = (("" if held_out is None else f", held_out={held_out}") + (f", refusals={refusals}" if refusals else "")
+                + (f", lead_ins={lead_ins}" if lead_ins else ""))
     _write_atomic(out / "README.md", (
         f"# Built-in data: a tiny world (seed {seed}, {people} people)\n\n"
         f"Generated by `pipeline/data/world.py` (`write_world(out_dir, seed={seed}, people={people}{held_arg})`); "
@@ -618,5 +636,7 @@ if __name__ == "__main__":
     parser.add_argument("--people", type=int, default=200)
     parser.add_argument("--held-out", type=int, default=None)
     parser.add_argument("--refusals", type=float, default=0.0)
+    parser.add_argument("--lead-ins", type=float, default=0.0)
     args = parser.parse_args()
-    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals), indent=1))
+    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals, args.lead_ins),
+                     indent=1))
