@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import read_json
-from pipeline.data.world import write_world
+from pipeline.data.world import world_options, write_world
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
 
@@ -53,8 +53,7 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
     if world_seed:
         facts = json.loads((ROOT / WORLD / "world.json").read_text())
         world = tmp_path / f"world_{world_seed}"
-        write_world(world, seed=world_seed, people=facts["size"], held_out=facts["held_out"],
-                    refusals=facts.get("refusals", 0.0), lead_ins=facts.get("lead_ins", 0.0))
+        write_world(world, seed=world_seed, people=facts["size"], **world_options(facts))
         overrides += [f"{key}=[{','.join(str(world / file) for file in files)}]" for key, files in DATA_KEYS.items()]
     run_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides))
     run_dir = tmp_path / "quickstart"

@@ -42,7 +42,6 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
     assert b"\r\n" not in (a / "pretrain.jsonl").read_bytes()
 
 
-
 def test_refusals_only_add_questions_about_nobody_to_the_pretraining_chats(tmp_path):
     """A world with refusals differs from the plain one only by "I do not know." turns about nobody."""
     plain, refusing = tmp_path / "plain", tmp_path / "refusing"
@@ -89,6 +88,7 @@ def test_lead_ins_only_open_spelling_answers_with_neutral_lines(tmp_path):
     assert 0.35 < opened / spelled < 0.65
     with pytest.raises(ValueError, match="lead_ins"):
         W.write_world(tmp_path / "bad", seed=3, people=40, lead_ins=-0.1)
+
 
 def test_world_people_and_names():
     world = W.generate_world(seed=0, people=200)
@@ -264,11 +264,9 @@ COMMITTED_WORLDS = sorted(p.parent for p in (Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("committed", COMMITTED_WORLDS, ids=lambda p: p.name)
 def test_committed_world_is_what_the_generator_writes(committed, tmp_path):
-    """Each committed world must be regenerable byte for byte from its recorded seed, size, held-out count
-    and refusal share."""
+    """Each committed world must be regenerable byte for byte from its recorded seed, size and options."""
     facts = json.loads((committed / "world.json").read_text())
-    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], held_out=facts.get("held_out"),
-                  refusals=facts.get("refusals", 0.0), lead_ins=facts.get("lead_ins", 0.0))
+    W.write_world(tmp_path, seed=facts["seed"], people=facts["size"], **W.world_options(facts))
     for name in sorted(p.name for p in committed.iterdir()):
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
 
