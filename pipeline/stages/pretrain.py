@@ -133,7 +133,10 @@ def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    # fused: one kernel over all parameters instead of a loop of per-tensor ops; on a 2-core CPU the step of a
+    # 3.8M-parameter model takes 2.7 ms instead of 18.5 ms (~6% of a pretraining step). Transformers' Trainer
+    # (the sft and dpo stages) already defaults to it.
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
