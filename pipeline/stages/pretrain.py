@@ -134,8 +134,9 @@ def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused=True would step the bench's 3.8M-parameter model in 2.7 ms instead of 18.5 ms on 2 cores (~6% of a
-    # pretraining step), but its rounding moved the quickstart's seed-1 world from 0.088 to 0.128 held-out
-    # answer accuracy before SFT (bar 0.10): left off until that world has margin (issue 14's note, 2026-11-30)
+    # pretraining step), but its rounding moves the quickstart across its bars: at 700 steps the seed-1 world
+    # went from 0.088 to 0.128 held-out answer accuracy before SFT (bar 0.10); 800 fused steps met every bar
+    # in bf16 but in fp32 left seed 0 at 0.848 after SFT and seed 2 at 0.128 before it (issue 14's notes)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
