@@ -248,6 +248,9 @@ class PretrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto = bf16 autocast where the hardware runs it fast (CUDA, or a CPU with AMX/AVX512-BF16)"
     )
+    compile: bool = option(False, "torch.compile the training step's model (inductor; a C++ compiler on the CPU): "
+                           "1.5x faster steps in bf16, 1.2x in fp32 on 2 cores, ~20 s of compiling first; not "
+                           "bit-reproducible: two runs of the same seed differ in the last digits")
     eval_every: int = option(100, "evaluate held-out loss every this many steps (and at the end)", min=1)
     eval_max_blocks: int = option(256, "at most this many held-out blocks per evaluation", min=1)
     checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", min=1)

@@ -204,3 +204,31 @@ def test_learning_rate_schedules():
     wsd.decay_steps = 91
     with pytest.raises(PipelineError, match="decay_steps: 91 is more than the 90 steps after warmup"):
         wsd.validate("pretrain")
+
+
+def test_compiled_step_trains_like_eager_and_saves_plain_weights(write_recipe, monkeypatch):
+    """pretrain.compile runs the training step through torch.compile: the losses of eager training up to
+    rounding, the same standard weights file; without a C++ compiler it stops before training, saying so."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from pipeline.errors import PipelineError
+
+    eager, compiled = write_recipe("eager"), write_recipe("compiled", {"pretrain.compile": True})
+    run_recipe(load_recipe(eager))
+    run_recipe(load_recipe(compiled))
+    losses_eager, losses_compiled = _losses(load_recipe(eager).run_dir), _losses(load_recipe(compiled).run_dir)
+    assert losses_eager.keys() == losses_compiled.keys() and len(losses_eager) == 6
+    assert all(abs(losses_compiled[s] - losses_eager[s]) < 0.01 * losses_eager[s] for s in losses_eager), \
+        (losses_eager, losses_compiled)
+    assert read_json(load_recipe(compiled).run_dir / "pretrain" / "stage.json")["metrics"]["compiled"] is True
+    names = []
+    for path in (eager, compiled):
+        with safe_open(load_recipe(path).run_dir / "pretrain" / "model.safetensors", "pt") as weights:
+            names.append(sorted(weights.keys()))
+    assert names[0] == names[1]  # no torch.compile wrapper names (_orig_mod.) in the saved model
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(PipelineError, match=r"no C\+\+ compiler"):
+        run_recipe(load_recipe(write_recipe("no_compiler", {"pretrain.compile": True})))

@@ -219,10 +219,14 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         f"{accumulation} accumulation x {cfg.seq_len}{ceiling_note(split, cfg.micro_batch_size)}; {cfg.max_steps} steps = "
         f"{cfg.max_steps * tokens_per_step / (len(train) * cfg.seq_len):.1f} epochs; "
         f"precision {'fp32' if dtype is None else str(dtype).removeprefix('torch.') + ' autocast'}"
+        f"{'; compiled (torch.compile)' if cfg.compile else ''}"
     )
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    # the training step runs the compiled module (fixed shapes: one graph); evaluation and saving use the plain
+    # one. Off by default: inductor's CPU kernels add in a varying order (5th digit of the loss after 10 steps)
+    step_model = compiled(model, accelerator.device) if cfg.compile else model
 
     # resume
     ckpt_root = ctx.out_dir / "checkpoints"
@@ -259,7 +263,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
             chunk = mine[micro * micro_batch : (micro + 1) * micro_batch]
             sync = micro == accumulation - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss_sum, _ = summed_loss(model, train, chunk, dtype)
+                loss_sum, _ = summed_loss(step_model, train, chunk, dtype)
                 # DDP averages gradients over processes; scale so the result is the global-batch mean
                 accelerator.backward(loss_sum * world / n_targets)
             step_loss += loss_sum.detach().double()
@@ -327,12 +331,22 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         "world_size": world,
         "ranks_in_sync": in_sync,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "compiled": cfg.compile,
         "train_blocks": len(train),
         "heldout_blocks": len(heldout),
     }
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def compiled(model, device: torch.device):
+    """torch.compile's inductor module, refused up front where it could only fail inside the first step."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise PipelineError("pretrain.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler "
+                            "(c++, g++ or clang++) is on PATH; install one (apt-get install g++) or set "
+                            "pretrain.compile=false")
+    return torch.compile(model, dynamic=False)
 
 
 def _grad_norm(model, accelerator, clip: float) -> float:
