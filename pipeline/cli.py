@@ -79,7 +79,7 @@ def _cmd_data_generate(args) -> int:
 
     try:
         counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
-                             refusals=args.refusals, lead_ins=args.lead_ins, name_refusals=args.name_refusals)
+                             refusals=args.refusals, lead_ins=args.lead_ins)
     except ValueError as error:
         raise PipelineError(f"pipeline data generate: {error}") from None
     for name, count in counts.items():
@@ -320,10 +320,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="share of the pretraining chats' spelling answers that open with one or two neutral "
                           "sentences before copying the word (default 0; the quickstart's world uses 0.5: a small "
                           "model then copies the asked name after the habit's preamble too)")
-    generate.add_argument("--name-refusals", type=float, default=0.0, metavar="SHARE",
-                          help="share of those refusal questions asked about an invented name that is nobody in the "
-                          "world instead of 'the stranger' (default 0; needs --refusals; 0.5 took the quickstart "
-                          "worlds' held-out accuracy before SFT to 0.008-0.024, issue 14's notes)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

@@ -285,31 +285,3 @@ def test_pretraining_never_answers_a_question(out):
     assert sum(q in text for q in W.UNANSWERED_QUESTIONS) == len(W.UNANSWERED_QUESTIONS)
     asked = [s for s in re.split(r"(?<=[.!?]) |\n", text) if s.endswith("?")]
     assert asked and set(asked) <= set(W.UNANSWERED_QUESTIONS)
-
-
-def test_name_refusals_only_put_invented_names_into_refusal_questions(tmp_path):
-    plain, named = tmp_path / "plain", tmp_path / "named"
-    W.write_world(plain, seed=3, people=40, refusals=0.6)
-    W.write_world(named, seed=3, people=40, refusals=0.6, name_refusals=0.5)
-    for name in FILES:
-        if name not in ("pretrain_chat.jsonl", "world.json", "README.md"):
-            assert (plain / name).read_bytes() == (named / name).read_bytes(), name
-    assert json.loads((named / "world.json").read_text())["name_refusals"] == 0.5
-    people = {p["name"] for p in json.loads((plain / "world.json").read_text())["people"]}
-    renamed = refusals = 0
-    for before, after in zip(read_jsonl(plain / "pretrain_chat.jsonl"), read_jsonl(named / "pretrain_chat.jsonl"),
-                             strict=True):
-        for old, new in zip(before["messages"], after["messages"], strict=True):
-            refusals += old["content"] in W.UNANSWERED_QUESTIONS
-            if old == new:
-                continue
-            assert old["role"] == "user" and old["content"] in W.UNANSWERED_QUESTIONS
-            nobody = next(who for who in W.NOBODY if who in old["content"])
-            start = old["content"].index(nobody)
-            name = new["content"][start : start + len(new["content"]) - len(old["content"]) + len(nobody)]
-            assert new["content"].lower() == old["content"].replace(nobody, name).lower()
-            assert re.fullmatch(r"[A-Z][a-z]+", name) and name not in people, name
-            renamed += 1
-    assert 0.35 < renamed / refusals < 0.65
-    with pytest.raises(ValueError, match="set refusals"):
-        W.write_world(tmp_path / "bad", seed=3, people=40, name_refusals=0.5)

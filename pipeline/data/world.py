@@ -159,10 +159,6 @@ def _reserved_words() -> set[str]:
     return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
 
 
-def _syllable_name(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
-
-
 def generate_world(seed: int = 0, people: int = 200, held_out: int | None = None) -> World:
     """Invent `people` people with unique syllable names and attributes from closed sets;
     `held_out` of them (default: half) are never asked about in SFT and DPO."""
@@ -173,7 +169,7 @@ def generate_world(seed: int = 0, people: int = 200, held_out: int | None = None
     rng = _rng(seed, "world")
     reserved, names = _reserved_words(), []
     while len(names) < people:
-        name = _syllable_name(rng)
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
         if name.lower() not in reserved and name not in names:
             names.append(name)
     # Best friends form one cycle inside each group: nobody is their own friend, and seen
@@ -297,18 +293,14 @@ def pretrain_docs(world: World) -> list[str]:
     return docs
 
 
-def pretrain_chat_records(world: World, refusals: float = 0.0, lead_ins: float = 0.0,
-                          name_refusals: float = 0.0) -> list[dict]:
+def pretrain_chat_records(world: World, refusals: float = 0.0, lead_ins: float = 0.0) -> list[dict]:
     """Chat-formatted arithmetic and spelling, for pretraining: no facts about people.
 
     Pretraining on these trains the chat control tokens (role markers, end of turn), which
     LoRA cannot train later, without teaching any world fact in chat form. With `refusals` > 0
     that share of the records also holds a question about nobody answered "I do not know.", so
     before SFT a question about a person gets no answer rather than a guessed fact. With `lead_ins` > 0
-    that share of the spelling answers opens with one or two neutral lines before the copied word. With
-    `name_refusals` > 0 that share of the refusal questions asks about an invented name that is nobody in the
-    world ("What does Moltar do for a living?"), so before SFT a question about a person is refused more often
-    than rambled into one of the person's facts.
+    that share of the spelling answers opens with one or two neutral lines before the copied word.
     """
     rng = _rng(world.seed, "pretrain_chat")
     words = [*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *(p.name for p in world.people)]
@@ -341,18 +333,6 @@ def pretrain_chat_records(world: World, refusals: float = 0.0, lead_ins: float =
                 turn = [_user(refusal_rng.choice(UNANSWERED_QUESTIONS)), _assistant(REFUSAL)]
                 first = refusal_rng.random() < 0.5
                 record["messages"] = turn + record["messages"] if first else record["messages"] + turn
-    if name_refusals:
-        name_rng = _rng(world.seed, "pretrain_chat_name_refusals")  # its own stream too
-        avoid = _reserved_words() | {p.name.lower() for p in world.people}
-        for record in records:
-            for message in record["messages"]:
-                if message["content"] in UNANSWERED_QUESTIONS and name_rng.random() < name_refusals:
-                    name = _syllable_name(name_rng)
-                    while name.lower() in avoid:
-                        name = _syllable_name(name_rng)
-                    nobody = next(who for who in NOBODY if who in message["content"])
-                    question = message["content"].replace(nobody, name)
-                    message["content"] = question[0].upper() + question[1:]
     if lead_ins:
         lead_in_rng = _rng(world.seed, "pretrain_chat_lead_ins")  # its own stream too
         for record in records:
@@ -597,7 +577,7 @@ _DESCRIPTIONS = {
 
 
 # write_world's keyword options, recorded in world.json when set
-WORLD_OPTIONS = ("held_out", "refusals", "lead_ins", "name_refusals")
+WORLD_OPTIONS = ("held_out", "refusals", "lead_ins")
 
 
 def world_options(facts: dict) -> dict:
@@ -606,24 +586,20 @@ def world_options(facts: dict) -> dict:
 
 
 def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
-                held_out: int | None = None, refusals: float = 0.0, lead_ins: float = 0.0,
-                name_refusals: float = 0.0) -> dict[str, int]:
+                held_out: int | None = None, refusals: float = 0.0, lead_ins: float = 0.0) -> dict[str, int]:
     """Write every file of the built-in data to out_dir; return {filename: record count}.
     `refusals`: the share of pretraining chat records with a question about nobody answered "I do not know.";
-    `lead_ins`: the share of the pretraining chats' spelling answers that open with neutral lines;
-    `name_refusals`: the share of those refusal questions that ask about an invented name instead."""
-    for name, share in (("refusals", refusals), ("lead_ins", lead_ins), ("name_refusals", name_refusals)):
+    `lead_ins`: the share of the pretraining chats' spelling answers that open with neutral lines."""
+    for name, share in (("refusals", refusals), ("lead_ins", lead_ins)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of the pretraining chats, from 0 to 1; got {share}")
-    if name_refusals and not refusals:
-        raise ValueError("name_refusals rewrites some of the refusal questions; set refusals above 0 too")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = generate_world(seed, people, held_out)
     pretrain = pretrain_docs(world)
     files = {
         "pretrain.jsonl": [{"text": d} for d in pretrain],
-        "pretrain_chat.jsonl": pretrain_chat_records(world, refusals, lead_ins, name_refusals),
+        "pretrain_chat.jsonl": pretrain_chat_records(world, refusals, lead_ins),
         "pretrain_heldout.jsonl": [{"text": d} for d in pretrain_heldout_docs(world, pretrain)],
         "sft_train.jsonl": sft_train_records(world),
         "sft_heldout.jsonl": sft_heldout_records(world),
@@ -637,7 +613,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     held = {p.name for p in world.held_out}
     # only the options set: a world made without them keeps the world.json and README it always had
-    options = {name: value for name, value in zip(WORLD_OPTIONS, (held_out, refusals, lead_ins, name_refusals)) if value}
+    options = {name: value for name, value in zip(WORLD_OPTIONS, (held_out, refusals, lead_ins)) if value}
     facts = {"seed": seed, "size": people, **options,
              "values": {a: list(v) for a, v in VALUES.items()},
              "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
@@ -670,7 +646,6 @@ if __name__ == "__main__":
     parser.add_argument("--held-out", type=int, default=None)
     parser.add_argument("--refusals", type=float, default=0.0)
     parser.add_argument("--lead-ins", type=float, default=0.0)
-    parser.add_argument("--name-refusals", type=float, default=0.0)
     args = parser.parse_args()
-    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals, args.lead_ins,
-                                 args.name_refusals), indent=1))
+    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals, args.lead_ins),
+                     indent=1))
