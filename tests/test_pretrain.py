@@ -16,6 +16,7 @@ from pipeline.artifacts import read_json
 from pipeline.errors import StageFailed
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
+from pipeline.stages.pretrain import cxx_compiler_on_path
 
 
 def _losses(run_dir):
@@ -206,13 +207,7 @@ def test_learning_rate_schedules():
         wsd.validate("pretrain")
 
 
-def _cxx_compiler() -> bool:
-    import shutil
-
-    return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
-
-
-@pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
+@pytest.mark.skipif(not cxx_compiler_on_path(), reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
 def test_compiled_step_trains_like_eager_and_saves_plain_weights(write_recipe):
     """pretrain.compile runs the training step through torch.compile: the losses of eager training up to
     rounding, and the same standard weights file."""

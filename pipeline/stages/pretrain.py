@@ -340,9 +340,14 @@ def run(cfg: PretrainConfig, ctx) -> dict:
 # ---------------------------------------------------------------- small helpers
 
 
+def cxx_compiler_on_path() -> bool:
+    """Whether inductor can build its CPU kernels here."""
+    return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
 def compiled(model, device: torch.device):
     """torch.compile's inductor module, refused up front where it could only fail inside the first step."""
-    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    if device.type == "cpu" and not cxx_compiler_on_path():
         raise PipelineError("pretrain.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler "
                             "(c++, g++ or clang++) is on PATH; install one (apt-get install g++) or set "
                             "pretrain.compile=false")
