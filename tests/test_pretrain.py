@@ -205,6 +205,9 @@ def test_learning_rate_schedules():
     wsd.decay_steps = 91
     with pytest.raises(PipelineError, match="decay_steps: 91 is more than the 90 steps after warmup"):
         wsd.validate("pretrain")
+    wsd.decay_steps, wsd.warmup_steps = 0, 101
+    with pytest.raises(PipelineError, match="warmup_steps: 101 is more than max_steps \\(100\\)"):
+        wsd.validate("pretrain")
 
 
 @pytest.mark.skipif(not cxx_compiler_on_path(), reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")

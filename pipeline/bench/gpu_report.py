@@ -57,26 +57,60 @@ def real_base_rows(out: Path) -> list[str]:
     return rows
 
 
+MFU_RUNS = {"mfu": "eager", "mfu-compiled": "torch.compile"}
+
+
 def mfu_rows(out: Path, machine: dict) -> list[str]:
-    record = _read(out / "runs" / "mfu" / "pretrain" / "stage.json")
+    rows = []
+    for run_name, label in MFU_RUNS.items():
+        record = _read(out / "runs" / run_name / "pretrain" / "stage.json")
+        if record is None and run_name != "mfu":
+            continue  # an optional part that was not asked for
+        rows.append(_mfu_row(out / "runs" / run_name / "pretrain", label, record, machine))
+    return rows
+
+
+def _mfu_row(run: Path, label: str, record: dict | None, machine: dict) -> str:
     if not record or record.get("status") != "done":
-        return [f"pretraining MFU: did not finish ({(record or {}).get('status', 'no run')})"]
+        return f"pretraining MFU ({label}): did not finish ({(record or {}).get('status', 'no run')})"
     from transformers import AutoConfig
 
     from pipeline.bench.flops import training_flops_per_token
 
-    run = out / "runs" / "mfu" / "pretrain"
     config = AutoConfig.from_pretrained(run)
     seq_len = record["config"]["seq_len"]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_s"] for r in logged if "tokens_per_s" in r]
-    rate = rates[-1]  # over the whole loop, warm-up steps included
-    achieved = rate * training_flops_per_token(config, seq_len)
+    rated = [r for r in logged if "tokens_per_s" in r]
+    rate = rated[-1]["tokens_per_s"]  # over the whole loop, warm-up steps (and compiling) included
+    per_token = training_flops_per_token(config, seq_len)
     peak = machine.get("bf16_peak_flop_per_s") or float("nan")
-    return [f"pretraining MFU: {record['metrics']['parameters'] / 1e6:.0f}M parameters, seq {seq_len}, "
-            f"{record['metrics']['tokens_per_step']:,} tokens/step, {record['metrics']['precision']}: "
-            f"{rate:,.0f} tokens/s = {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of the measured "
-            f"bf16 matmul peak ({peak / 1e12:.0f} TFLOP/s); peak CUDA {record.get('peak_cuda_mb', 0):,.0f} MB"]
+    line = (f"pretraining MFU ({label}): {record['metrics']['parameters'] / 1e6:.0f}M parameters, seq {seq_len}, "
+            f"{record['metrics']['tokens_per_step']:,} tokens/step, {record['metrics']['precision']}: whole loop "
+            f"{rate:,.0f} tokens/s = {rate * per_token / 1e12:.1f} TFLOP/s = {100 * rate * per_token / peak:.1f}%")
+    steady = steady_rate(rated, record['metrics']['tokens_per_step'])
+    if steady:
+        line += (f"; second half {steady:,.0f} tokens/s = {steady * per_token / 1e12:.1f} TFLOP/s = "
+                 f"{100 * steady * per_token / peak:.1f}%")
+    return (f"{line} of the measured bf16 matmul peak ({peak / 1e12:.0f} TFLOP/s); peak CUDA "
+            f"{record.get('peak_cuda_mb', 0):,.0f} MB; stage wall {record.get('wall_time_s', 0):.0f} s")
+
+
+def steady_rate(rated: list[dict], tokens_per_step: int) -> float | None:
+    """Tokens/s between the first log record of the loop's second half and the last one.
+
+    The stage logs a running mean from the loop's start, so each record gives the elapsed time
+    (tokens so far / rate); the difference of two leaves out warm-up and compiling."""
+    if len(rated) < 2:
+        return None
+    half = next(r for r in rated if r["step"] >= rated[-1]["step"] / 2)
+    if half is rated[-1]:
+        half = rated[-2]
+
+    def elapsed(r: dict) -> float:
+        return r["step"] * tokens_per_step / r["tokens_per_s"]  # no resume in these runs: the loop began at 0
+
+    seconds = elapsed(rated[-1]) - elapsed(half)
+    return (rated[-1]["step"] - half["step"]) * tokens_per_step / seconds if seconds > 0 else None
 
 
 def bench_rows(out: Path) -> list[str]:
