@@ -59,7 +59,7 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run, log, report, never stop the scr
     return 0
 }
 
-install() {
+install_packages() {
     if python3 -c "import trl, datasets, bitsandbytes, gguf" 2>/dev/null; then
         echo "already installed"
     elif [ -d "$WHEELS" ]; then
@@ -71,9 +71,13 @@ install() {
     fi
 }
 if [[ " $PARTS " == *" install "* ]]; then
-    part install 240 install
+    # timeout runs programs, not shell functions: the function travels to a child bash
+    export -f install_packages
+    export OUT WHEELS
+    part install 240 bash -c install_packages
 fi
-[ -d "$OUT/site" ] && export PYTHONPATH="$PWD/$OUT/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+site="$(cd "$OUT" && pwd)/site"  # absolute: OUT may be given either way
+[ -d "$site" ] && export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m pipeline.bench.gpu_report --machine "$OUT" || echo "no machine description (see above)"
 
