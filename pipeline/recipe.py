@@ -313,6 +313,9 @@ class SftConfig:
                                       "smaller bounds peak memory but costs speed (bench, bf16 CPU: 2 gave 0.58x "
                                       "the tokens/s of 8)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
+    pad_to_multiple_of: int = option(8, "pad each micro-batch's length up to a multiple of this (0 = to its longest "
+                                        "row). Fewer distinct shapes mean fewer cached kernels: on a bf16 CPU 8 "
+                                        "saved 70-85 MB of peak memory at the same speed (bench)", min=0)
     padding_free: bool = option(False, "each micro-batch as one row of its conversations end to end, with per-conversation "
                                        "position ids (no padding; attention kept within each conversation)")
     learning_rate: float = option(1e-3, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
@@ -370,6 +373,9 @@ class DpoConfig:
     micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
                                       "from the global batch and the processes)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
+    pad_to_multiple_of: int = option(8, "pad each micro-batch's length up to a multiple of this (0 = to its longest "
+                                        "row). Fewer distinct shapes mean fewer cached kernels: on a bf16 CPU 8 "
+                                        "saved 70-85 MB of peak memory at the same speed (bench)", min=0)
     learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
     warmup_ratio: float = option(0.1, "share of steps with linear warmup", min=0, max_exclusive=1,
                                  why="transformers reads 1 or more as a number of steps")
@@ -422,6 +428,9 @@ class RewardConfig:
     micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
                                       "from the global batch and the processes)", min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
+    pad_to_multiple_of: int = option(8, "pad each micro-batch's length up to a multiple of this (0 = to its longest "
+                                        "row). Fewer distinct shapes mean fewer cached kernels: on a bf16 CPU 8 "
+                                        "saved 70-85 MB of peak memory at the same speed (bench)", min=0)
     learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
     warmup_ratio: float = option(0.1, "share of steps with linear warmup", min=0, max_exclusive=1,
                                  why="transformers reads 1 or more as a number of steps")

@@ -43,6 +43,7 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
         # about half padding (measured by python -m pipeline.bench). rl has no `batching`: GRPO's
         # own sampler deals out each prompt num_generations times, and lengths are only known after sampling.
         **({"train_sampling_strategy": cfg.batching} if hasattr(cfg, "batching") else {}),
+        **({"pad_to_multiple_of": cfg.pad_to_multiple_of or None} if hasattr(cfg, "pad_to_multiple_of") else {}),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
