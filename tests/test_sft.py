@@ -157,3 +157,24 @@ def test_data_check_marks_trained_tokens(tiny_world, tiny_tokenizer, tmp_path, c
     assert "format:     messages" in result.stdout
     # real control tokens are marked ⟨...⟩; typed look-alikes would be shown bare
     assert "⟨<|assistant|>⟩[[ " in result.stdout and "⟨<|end|>⟩]]" in result.stdout
+
+
+def test_pad_to_multiple_of_reaches_the_collator(tmp_path):
+    """sft.pad_to_multiple_of (default 8) becomes TRL's setting; 0 means pad to the longest row only."""
+    from types import SimpleNamespace
+
+    from trl import SFTConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.recipe import split_batch
+    from pipeline.trainer_args import common_trainer_kwargs
+
+    ctx = SimpleNamespace(out_dir=tmp_path, recipe=SimpleNamespace(seed=0), is_main=True)
+    split = split_batch("sft", 8, 4, 1)
+    for setting, expected in ((SftConfig(train_data=["x"]).pad_to_multiple_of, 8), (0, None), (16, 16)):
+        cfg = SftConfig(train_data=["x"], pad_to_multiple_of=setting, precision="fp32")
+        args = SFTConfig(**common_trainer_kwargs(cfg, ctx, split), max_length=None)
+        assert args.pad_to_multiple_of == expected, setting
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=8)
+    batch = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}])
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"][0, 3:].eq(-100).all()
