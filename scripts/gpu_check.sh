@@ -77,7 +77,7 @@ if [[ " $PARTS " == *" install "* ]]; then
     part install 240 bash -c install_packages
 fi
 site="$(cd "$OUT" && pwd)/site"  # absolute: OUT may be given either way
-[ -d "$site" ] && export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$site" ] && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m pipeline.bench.gpu_report --machine "$OUT" || echo "no machine description (see above)"
 
