@@ -368,6 +368,8 @@ class DpoConfig:
                                                    "once per epoch (same numbers, fewer forward passes)")
     max_length: int = option(512, "longest prompt + response in tokens; longer pairs are dropped and counted",
                              min=1)
+    share_prompt: bool = option(True, "score chosen and rejected in one row with their prompt computed once (a mask "
+                                      "keeps them apart; same loss, fewer tokens); false = TRL's two padded rows")
     lora: LoraArgs = option(LoraArgs, "shape of the fresh DPO adapter")
     epochs: float = option(2.0, "passes over the pairs (ignored when max_steps > 0)", min_exclusive=0)
     max_steps: int = option(0, "optimizer steps; 0 = use epochs", min=0)

@@ -14,8 +14,10 @@ from pipeline.recipe import load_recipe
 from tests.conftest import dpo_section, sft_section
 
 
-def test_trl_dpo_loss_matches_the_formula():
-    """-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) by hand, against TRL's loss on one batch."""
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_trl_dpo_loss_matches_the_formula(share_prompt):
+    """-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))) by hand, against TRL's loss on one batch, with TRL's
+    two rows per pair and with one row per pair sharing the prompt (pipeline/shared_prompt.py)."""
     from datasets import Dataset
     from peft import LoraConfig
     from tokenizers import Tokenizer, models
@@ -40,7 +42,8 @@ def test_trl_dpo_loss_matches_the_formula():
                      per_device_train_batch_size=2, max_length=None, gradient_checkpointing=False)
     trainer = DPOTrainerOnOurRows(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer,
-                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                  share_prompt=share_prompt)
     policy = trainer.model
     with torch.no_grad():  # move the adapter off zero so policy != reference
         for name, param in policy.named_parameters():
@@ -59,6 +62,8 @@ def test_trl_dpo_loss_matches_the_formula():
     with torch.no_grad():
         trl_loss = trainer._compute_loss(policy, batch, return_outputs=False)
     assert trl_loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
+    shared_passes = trainer._shared.shared_batches if share_prompt else 0
+    assert shared_passes == (1 if share_prompt else 0)
 
 
 def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):
@@ -72,6 +77,7 @@ def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):
     for key in ("rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert key in first
     metrics = records["dpo"]["metrics"]
+    assert metrics["shared_prompt_passes"]["plain"] == 0 and metrics["shared_prompt_passes"]["shared"] > 0
     before, after = metrics["heldout_before"], metrics["heldout_after"]
     assert math.isfinite(after["kl_from_reference"]) and after["kl_from_reference"] >= 0
     assert "kl_from_reference" not in before  # the policy is the reference at step 0

@@ -39,6 +39,7 @@ from pipeline.models import (
     train_only_lm_head,
 )
 from pipeline.recipe import DpoConfig, ceiling_note, split_batch
+from pipeline.shared_prompt import SharedPromptForward, can_share
 from pipeline.trainer_args import (
     ChecksumOnSave,
     SameBatchesOnAnyTopology,
@@ -56,14 +57,37 @@ def prepare_rows(cfg: DpoConfig, renderer: ChatRenderer, seed: int) -> tuple[lis
 
 
 class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer):
-    """DPOTrainer fed with our rendered ids; TRL's own tokenization would parse control tokens in user text."""
+    """DPOTrainer fed with our rendered ids; TRL's own tokenization would parse control tokens in user text.
+
+    With `share_prompt` each pair's chosen and rejected replies are scored in one row with their prompt
+    computed once (pipeline/shared_prompt.py); TRL's losses and metrics run unchanged on the results.
+    """
 
     stage_name = "dpo"
+
+    def __init__(self, *args, share_prompt: bool = False, **kwargs):
+        self.share_prompt, self._shared = share_prompt, None  # set first: TRL's __init__ runs the reference pass
+        super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in dataset.column_names:
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _scorer(self, model):
+        config = self.accelerator.unwrap_model(self.model).config
+        if not self.share_prompt or not can_share(config):
+            return model
+        if self._shared is None or self._shared.model is not model:
+            pad_id = self.processing_class.pad_token_id
+            self._shared = SharedPromptForward(model, config, 0 if pad_id is None else pad_id)
+        return self._shared
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        return super()._compute_loss(self._scorer(model), inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(self._scorer(model), inputs)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -149,6 +173,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
         train_dataset=train_set,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.lora) if cfg.trainable == "lora" else None,
+        share_prompt=cfg.share_prompt,
         callbacks=[StuckMarginCheck(cfg.stuck_after_steps, ctx.out_dir / "metrics.jsonl", ctx.is_main),
                    ChecksumOnSave()],
     )
@@ -168,6 +193,10 @@ def run(cfg: DpoConfig, ctx) -> dict:
     train_s = setup_s + time.perf_counter() - started
     policy = trainer.model
     in_sync = require_ranks_agree("dpo", policy, accelerator, trainable_only=True)
+    shared = trainer._shared
+    if shared is not None:
+        ctx.log(f"prompt computed once for chosen and rejected in {shared.shared_batches} of "
+                f"{shared.shared_batches + shared.plain_batches} forward passes")
 
     after = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=True, reference=reference)
     ctx.log(f"held-out after dpo: {summary(after)}")
@@ -194,6 +223,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
         "micro_batch": split.micro_batch,
         "world_size": world,
         "ranks_in_sync": in_sync,
+        "shared_prompt_passes": None if shared is None else {"shared": shared.shared_batches,
+                                                              "plain": shared.plain_batches},
         "heldout_before": before,
         "heldout_after": after,
         "probe_chosen_logps": probe,
