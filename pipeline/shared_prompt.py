@@ -49,7 +49,7 @@ def _prompt_length(labels: torch.Tensor, length: int) -> int | None:
 
 
 def shared_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  pad_id: int, multiple_of: int = 8) -> SharedLayout | None:
+                  pad_id: int, multiple_of: int | None = None) -> SharedLayout | None:
     """The packed layout of TRL's [chosen; rejected] batch, or None when a pair does not share its prompt."""
     if input_ids.shape[0] % 2 or attention_mask.ndim != 2:
         return None
@@ -136,8 +136,8 @@ def can_share(config) -> bool:
 class SharedPromptForward:
     """Stands in for the model in TRL's `model(**inputs, labels=labels, fused_lm_head=True)` call."""
 
-    def __init__(self, model, config, pad_id: int):
-        self.model, self.config, self.pad_id = model, config, pad_id
+    def __init__(self, model, config, pad_id: int, multiple_of: int | None = None):
+        self.model, self.config, self.pad_id, self.multiple_of = model, config, pad_id, multiple_of
         self.shared_batches = self.plain_batches = 0
 
     def _fits_window(self, width: int) -> bool:
@@ -148,7 +148,7 @@ class SharedPromptForward:
     def __call__(self, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
         layout = None
         if fused_lm_head and labels is not None and attention_mask is not None and "position_ids" not in kwargs:
-            layout = shared_layout(input_ids, attention_mask, labels, self.pad_id)
+            layout = shared_layout(input_ids, attention_mask, labels, self.pad_id, self.multiple_of)
         if layout is None or not self._fits_window(layout.input_ids.shape[1]):
             self.plain_batches += 1
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,

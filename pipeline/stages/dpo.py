@@ -80,7 +80,8 @@ class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer)
             return model
         if self._shared is None or self._shared.model is not model:
             pad_id = self.processing_class.pad_token_id
-            self._shared = SharedPromptForward(model, config, 0 if pad_id is None else pad_id)
+            self._shared = SharedPromptForward(model, config, 0 if pad_id is None else pad_id,
+                                               self.args.pad_to_multiple_of)
         return self._shared
 
     def _compute_loss(self, model, inputs, return_outputs):
