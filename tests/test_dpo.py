@@ -131,3 +131,35 @@ def test_zero_beta_is_refused_before_training(tiny_world, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(PipelineError, match="dpo.beta"):
         load_recipe(path)
+
+
+def test_lm_head_only_dpo_changes_only_lm_head_with_shared_prompts(dpo_run, tmp_path):
+    """`trainable: lm_head`: the reference is a frozen copy, the prompt is still shared, the loss starts at ln 2,
+    and byte for byte every saved tensor but lm_head.weight equals the SFT model's merged weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pipeline.models import load_stage_model
+    from pipeline.run import run_recipe
+
+    run_dir, records = dpo_run
+    copy = tmp_path / "runs" / run_dir.name
+    for stage in ("tokenizer", "pretrain", "sft"):  # the earlier stages, done; dpo runs again beside them
+        shutil.copytree(run_dir / stage, copy / stage)
+    data = {**json.loads((run_dir.parent.parent / "dpo.yaml").read_text()), "output_dir": str(tmp_path / "runs")}
+    data["dpo"] = {**data["dpo"], "trainable": "lm_head"}
+    path = tmp_path / "lm_head.yaml"
+    path.write_text(json.dumps(data))
+    metrics = run_recipe(load_recipe(path), only="dpo")["dpo"]["metrics"]
+
+    assert metrics["trainable"] == "lm_head" and metrics["shared_prompt_passes"]["plain"] == 0
+    logs = [json.loads(line) for line in (copy / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in logs if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    sft = load_stage_model(run_dir / "sft", merge_all=True)[0].state_dict()
+    saved = load_file(copy / "dpo" / "model.safetensors")
+    assert "lm_head.weight" in saved and set(saved) == set(sft)
+    for name, tensor in saved.items():
+        if name != "lm_head.weight":
+            assert tensor.dtype == sft[name].dtype and torch.equal(tensor, sft[name]), name
+    assert not torch.equal(saved["lm_head.weight"], sft["lm_head.weight"])

@@ -75,13 +75,16 @@ class DPOTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, DPOTrainer)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _scorer(self, model):
-        config = self.accelerator.unwrap_model(self.model).config
-        if not self.share_prompt or not can_share(config):
+        if not self.share_prompt:
             return model
-        if self._shared is None or self._shared.model is not model:
+        if self._shared is None:
+            config = self.accelerator.unwrap_model(self.model).config
+            if not can_share(config):
+                return model
             pad_id = self.processing_class.pad_token_id
             self._shared = SharedPromptForward(model, config, 0 if pad_id is None else pad_id,
                                                self.args.pad_to_multiple_of)
+        self._shared.model = model  # the reference pass and training may see the model wrapped differently
         return self._shared
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -165,6 +168,9 @@ def run(cfg: DpoConfig, ctx) -> dict:
         loss_weights=list(cfg.loss_weights) or None,
         label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        # forward-only passes keep no activations for a backward, so four micro-batches at once fit where one
+        # training micro-batch does, and fewer, larger matmuls run faster (bench: 69.7 vs 64.3 pairs/s, EPYC)
+        precompute_ref_batch_size=4 * split.micro_batch,
         max_length=None,  # our length policy above already applied
     )
     trainer = DPOTrainerOnOurRows(
