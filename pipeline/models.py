@@ -7,6 +7,7 @@ Weights are loaded from safetensors only, and remote code only runs when the rec
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -15,12 +16,21 @@ from pipeline.errors import PipelineError
 from pipeline.lineage import lineage_head, read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
+# oneDNN instruction sets that have bf16 dot products (AVX512-BF16, AVX10, AMX); `ONEDNN_MAX_CPU_ISA` below these
+# leaves bf16 matmuls to slow emulation even on a CPU that has the instructions
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+             "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT")
+
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on the CPU."""
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on the CPU, unless oneDNN is told
+    not to use them (ONEDNN_MAX_CPU_ISA, e.g. AVX2 to reproduce an AVX2-only machine)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in BF16_ISAS:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
 

@@ -241,3 +241,24 @@ def test_compile_without_a_cxx_compiler_stops_before_training(write_recipe, monk
     with pytest.raises(PipelineError, match=r"no C\+\+ compiler .* pretrain.compile=false"):
         run_recipe(load_recipe(path))
     assert not (load_recipe(path).run_dir / "pretrain" / "checkpoints").exists()
+
+
+def test_auto_precision_follows_the_cpu_and_a_capped_onednn(monkeypatch):
+    """`precision: auto` is bf16 only where bf16 matmuls have hardware: the CPU flags, unless ONEDNN_MAX_CPU_ISA
+    caps oneDNN below the bf16 instructions (then bf16 would be emulated, 20-40x slower than fp32)."""
+    from pathlib import Path
+
+    from pipeline.models import autocast_dtype, cpu_has_fast_bf16
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    flags = Path("/proc/cpuinfo").read_text()
+    hardware = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_fast_bf16() is hardware
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if hardware else None)
+    for capped in ("AVX2", "avx2", "AVX512_CORE", "SSE41"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", capped)
+        assert cpu_has_fast_bf16() is False and autocast_dtype("auto", cpu) is None, capped
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_has_fast_bf16() is hardware
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp32", cpu) is None  # explicit wins

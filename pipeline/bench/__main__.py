@@ -42,7 +42,10 @@ def cpu_flags() -> dict:
         return {"model": platform.processor(), "flags": []}
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     present = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return {"model": model, "flags": [f for f in FLAGS_THAT_MATTER if f in present]}
+    # kernels capped below what the CPU has (to reproduce a smaller CPU) are part of what was measured
+    caps = {name: os.environ[name] for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+            if os.environ.get(name)}
+    return {"model": model, "flags": [f for f in FLAGS_THAT_MATTER if f in present], **({"capped": caps} if caps else {})}
 
 
 def run_trial(workdir: Path, task: str, contender: str, trial: int, overrides: list[str]) -> dict:
@@ -161,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or ("runs/bench-gemma" if gemma else "runs/bench")).resolve()
     started = time.time()
     cpu = cpu_flags()
-    print(f"CPU: {cpu['model']}; {', '.join(cpu['flags']) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)}", flush=True)
+    capped = "".join(f"; {name}={value}" for name, value in cpu.get("capped", {}).items())
+    print(f"CPU: {cpu['model']}; {', '.join(cpu['flags']) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)}{capped}",
+          flush=True)
     print(f"preparing the workload in {workdir} ...", flush=True)
     if gemma:
         setup_dir = prepare_gemma(workdir, args.size, Path(args.shared_data))
