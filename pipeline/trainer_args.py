@@ -16,16 +16,20 @@ from pipeline.recipe import BatchSplit
 from pipeline.trl_cpu import fold_tiles_leanly_on_cpu, score_only_labelled_positions_on_cpu
 
 
+def trains_in_bf16(precision: str, base_dtype: str, device_type: str) -> bool:
+    """What a LoRA stage's `precision` resolves to: auto follows the base's dtype (bf16 where the device runs it)."""
+    if precision == "auto":
+        return resolve_dtype(base_dtype, device_type) == torch.bfloat16
+    return precision == "bf16"
+
+
 def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto") -> dict:
     """Arguments shared by SFTConfig and DPOConfig. Precision is explicit: TRL's defaults
     (bf16 and gradient checkpointing) raise on a machine without a GPU."""
     score_only_labelled_positions_on_cpu()  # every TRL stage comes through here before building its trainer
     fold_tiles_leanly_on_cpu()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.precision == "auto":
-        bf16 = resolve_dtype(base_dtype, device_type) == torch.bfloat16
-    else:
-        bf16 = cfg.precision == "bf16"
+    bf16 = trains_in_bf16(cfg.precision, base_dtype, device_type)
     return dict(
         output_dir=str(ctx.out_dir / "checkpoints"),
         per_device_train_batch_size=split.micro_batch,

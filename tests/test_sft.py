@@ -49,6 +49,9 @@ def test_sft_stage_trains_only_the_adapter_and_saves_a_peft_checkpoint(write_rec
     path = write_recipe(updates={"sft": sft_section(tiny_world)})
     records = run_recipe(load_recipe(path))
     assert records["pretrain"]["status"] == "done"  # skipped: adding a later stage changes nothing before it
+    # fp32 on the CPU: micro_batch_size 4 is capped by fp32_micro_batch_size (2); the global batch stays 8
+    metrics = records["sft"]["metrics"]
+    assert (metrics["micro_batch"], metrics["gradient_accumulation"]) == (2, 4)
     sft_dir = run_dir / "sft"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
                  "generation_config.json", "stage.json"):
@@ -178,3 +181,21 @@ def test_pad_to_multiple_of_reaches_the_collator(tmp_path):
     collator = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=8)
     batch = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3, 4, 5]}])
     assert batch["input_ids"].shape == (2, 8) and batch["labels"][0, 3:].eq(-100).all()
+
+
+def test_fp32_on_the_cpu_caps_the_micro_batch(monkeypatch):
+    """sft.fp32_micro_batch_size applies where sft trains in fp32 on a CPU (precision fp32, or auto without bf16
+    hardware), never to bf16 or a GPU, and never raises the ceiling."""
+    from pipeline.stages.sft import micro_batch_ceiling
+
+    def ceiling(precision, device="cpu", micro=8, fp32=2, base_dtype="auto"):
+        cfg = SftConfig(train_data=["x"], precision=precision, micro_batch_size=micro, fp32_micro_batch_size=fp32)
+        return micro_batch_ceiling(cfg, base_dtype, device)
+
+    assert ceiling("fp32") == 2 and ceiling("fp32", fp32=16) == 8 and ceiling("fp32", micro=1) == 1
+    assert ceiling("bf16") == 8 and ceiling("fp32", device="cuda") == 8
+    assert ceiling("auto", base_dtype="float32") == 2  # a base loaded in fp32 trains in fp32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # no bf16 hardware as far as auto is concerned
+    assert ceiling("auto") == 2
+    monkeypatch.setattr("pipeline.models.cpu_has_fast_bf16", lambda: True)
+    assert ceiling("auto") == 8

@@ -32,6 +32,7 @@ from pipeline.trainer_args import (
     StopOnNonFinite,
     common_trainer_kwargs,
     resume_checkpoint,
+    trains_in_bf16,
 )
 
 # ---------------------------------------------------------------- data
@@ -151,6 +152,14 @@ def heldout(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int, ac
 # ---------------------------------------------------------------- the stage
 
 
+def micro_batch_ceiling(cfg: SftConfig, base_dtype: str, device_type: str) -> int:
+    """micro_batch_size, or fp32_micro_batch_size when it is smaller and sft trains in fp32 on a CPU: fp32
+    activations take twice the memory, and small fp32 matmuls lose no speed there (bench, AVX2 kernels)."""
+    if device_type == "cpu" and cfg.precision != "fp16" and not trains_in_bf16(cfg.precision, base_dtype, "cpu"):
+        return min(cfg.micro_batch_size, cfg.fp32_micro_batch_size)
+    return cfg.micro_batch_size
+
+
 def run(cfg: SftConfig, ctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
@@ -160,7 +169,9 @@ def run(cfg: SftConfig, ctx) -> dict:
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = accelerator.num_processes
-    split = split_batch("sft", cfg.global_batch_size, cfg.micro_batch_size, world)
+    base_dtype = ctx.recipe.base.dtype if ctx.recipe.base else "auto"
+    ceiling = micro_batch_ceiling(cfg, base_dtype, device_type)
+    split = split_batch("sft", cfg.global_batch_size, ceiling, world)
 
     # model and data
     model, tokenizer, parent = load_model_and_tokenizer(ctx, cfg, device_type)
@@ -178,14 +189,15 @@ def run(cfg: SftConfig, ctx) -> dict:
 
     model = attach_lora(model, cfg)
     trainable, total = count_parameters(model)
+    fp32_note = "" if ceiling == cfg.micro_batch_size else f" (fp32 on the CPU: sft.fp32_micro_batch_size {ceiling})"
     ctx.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} trainable of "
             f"{total:,} parameters ({100 * trainable / total:.2f}%); {split.describe('conversations')}"
-            f"{ceiling_note(split, cfg.micro_batch_size)}")
+            f"{ceiling_note(split, ceiling)}{fp32_note}")
 
     # train
     started = time.perf_counter()
     args = SFTConfig(
-        **common_trainer_kwargs(cfg, ctx, split, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
+        **common_trainer_kwargs(cfg, ctx, split, base_dtype),
         weight_decay=cfg.weight_decay,
         padding_free=cfg.padding_free,
         max_length=None,  # lengths are already handled by our policy above
