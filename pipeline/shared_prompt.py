@@ -54,18 +54,20 @@ def shared_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels:
     if input_ids.shape[0] % 2 or attention_mask.ndim != 2:
         return None
     pairs = input_ids.shape[0] // 2
-    lengths = attention_mask.sum(-1).tolist()
+    # built on the CPU in one copy (on a GPU, per-pair checks on device tensors would each wait for it)
+    cpu_ids, cpu_labels, cpu_mask = input_ids.cpu(), labels.cpu(), attention_mask.cpu()
+    lengths = cpu_mask.sum(-1).tolist()
     segments = []  # per pair: (prompt length P, chosen row length, rejected row length)
     for i in range(pairs):
         chosen_len, rejected_len = lengths[i], lengths[pairs + i]
-        right_padded = (attention_mask[i, :chosen_len].sum() == chosen_len
-                        and attention_mask[pairs + i, :rejected_len].sum() == rejected_len)
+        right_padded = (cpu_mask[i, :chosen_len].sum() == chosen_len
+                        and cpu_mask[pairs + i, :rejected_len].sum() == rejected_len)
         if not right_padded:
             return None
-        prompt = _prompt_length(labels[i], chosen_len)
-        if prompt is None or prompt == 0 or prompt != _prompt_length(labels[pairs + i], rejected_len):
+        prompt = _prompt_length(cpu_labels[i], chosen_len)
+        if prompt is None or prompt == 0 or prompt != _prompt_length(cpu_labels[pairs + i], rejected_len):
             return None
-        if not torch.equal(input_ids[i, :prompt], input_ids[pairs + i, :prompt]):
+        if not torch.equal(cpu_ids[i, :prompt], cpu_ids[pairs + i, :prompt]):
             return None
         segments.append((prompt, chosen_len, rejected_len))
 
@@ -76,7 +78,6 @@ def shared_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels:
     segment = torch.full((pairs, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
     shift_labels = torch.full((pairs, width), -100, dtype=labels.dtype)
     padded_rows, padded_cols, packed_rows, packed_cols = [], [], [], []
-    cpu_ids, cpu_labels = input_ids.cpu(), labels.cpu()
     for i, (prompt, chosen, rejected) in enumerate(segments):
         start = chosen  # where the rejected segment (the prompt's last token again) begins
         ids[i, :chosen] = cpu_ids[i, :chosen]
