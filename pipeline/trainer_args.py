@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from pipeline.artifacts import append_jsonl, last_good_checkpoint, truncate_log, write_checksums
 from pipeline.errors import StageFailed
+from pipeline.lean_lora import add_lora_updates_in_one_gemm_on_cpu
 from pipeline.models import resolve_dtype
 from pipeline.recipe import BatchSplit
 from pipeline.trl_cpu import fold_tiles_leanly_on_cpu, score_only_labelled_positions_on_cpu
@@ -28,6 +29,7 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
     (bf16 and gradient checkpointing) raise on a machine without a GPU."""
     score_only_labelled_positions_on_cpu()  # every TRL stage comes through here before building its trainer
     fold_tiles_leanly_on_cpu()
+    add_lora_updates_in_one_gemm_on_cpu()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = trains_in_bf16(cfg.precision, base_dtype, device_type)
     return dict(
