@@ -21,30 +21,29 @@ from __future__ import annotations
 import torch
 
 
-def _takes_lean_path(layer, x: torch.Tensor) -> bool:
-    """The plain case (module doc string): decided before anything is computed."""
+def _lean_adapters(layer, x: torch.Tensor) -> list[str]:
+    """The active adapters when the plain case holds (module doc string), else none: decided before anything is
+    computed."""
     if x.device.type != "cpu" or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
-        return False
+        return []
     base = layer.base_layer
     if type(base) is not torch.nn.Linear:
-        return False
+        return []
     autocast = torch.is_autocast_enabled("cpu")
     active = [name for name in layer.active_adapters if name in layer.lora_A.keys()]
     for name in active:
         if name in layer.lora_variant or layer.lora_B[name].bias is not None:
-            return False
+            return []
         if not autocast and not (x.dtype == base.weight.dtype == layer.lora_A[name].weight.dtype):
-            return False
-    return bool(active)
+            return []
+    return active
 
 
-def lean_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def lean_forward(layer, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
     result = layer.base_layer(x)
     out_shape = result.shape
     flat = result.reshape(-1, out_shape[-1])
-    for name in layer.active_adapters:
-        if name not in layer.lora_A.keys():
-            continue
+    for name in adapters:
         down = layer.lora_A[name](layer.lora_dropout[name](x))
         flat = torch.addmm(flat, down.reshape(-1, down.shape[-1]), layer.lora_B[name].weight.t(),
                            alpha=layer.scaling[name])
@@ -62,10 +61,11 @@ def add_lora_updates_in_one_gemm_on_cpu() -> bool:
         return True
 
     def forward(self, x, *args, **kwargs):
-        if args or kwargs or not _takes_lean_path(self, x):  # adapter names, variant arguments: peft's own
+        adapters = [] if args or kwargs else _lean_adapters(self, x)  # adapter names, variant arguments: peft's
+        if not adapters:
             return peft_forward(self, x, *args, **kwargs)
         self._check_forward_args(x)
-        return lean_forward(self, x)
+        return lean_forward(self, x, adapters)
 
     forward._lean, forward.__wrapped__ = True, peft_forward
     Linear.forward = forward

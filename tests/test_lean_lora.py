@@ -65,7 +65,7 @@ def test_the_other_cases_stay_with_peft(peft_forward, monkeypatch):
     ids = torch.randint(0, 64, (2, 7))
     add_lora_updates_in_one_gemm_on_cpu()
     lean_calls = []
-    monkeypatch.setattr(lean, "lean_forward", lambda layer, x: lean_calls.append(1) or peft_forward(layer, x))
+    monkeypatch.setattr(lean, "lean_forward", lambda layer, x, adapters: lean_calls.append(1) or peft_forward(layer, x))
 
     model = _model()
     with torch.no_grad():
