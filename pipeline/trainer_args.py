@@ -14,7 +14,7 @@ from pipeline.errors import StageFailed
 from pipeline.lean_lora import add_lora_updates_in_one_gemm_on_cpu
 from pipeline.models import resolve_dtype
 from pipeline.recipe import BatchSplit
-from pipeline.trl_cpu import fold_tiles_leanly_on_cpu, score_only_labelled_positions_on_cpu
+from pipeline.trl_cpu import fold_tiles_leanly_on_cpu, score_only_labelled_positions_on_cpu, smaller_token_tiles_on_cpu
 
 
 def trains_in_bf16(precision: str, base_dtype: str, device_type: str) -> bool:
@@ -29,6 +29,7 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
     (bf16 and gradient checkpointing) raise on a machine without a GPU."""
     score_only_labelled_positions_on_cpu()  # every TRL stage comes through here before building its trainer
     fold_tiles_leanly_on_cpu()
+    smaller_token_tiles_on_cpu()
     add_lora_updates_in_one_gemm_on_cpu()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = trains_in_bf16(cfg.precision, base_dtype, device_type)

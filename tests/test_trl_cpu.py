@@ -109,3 +109,31 @@ def test_lean_folds_hand_a_softcap_to_trls_own(monkeypatch):
     assert torch.allclose(logprobs, expected, atol=1e-5)
     ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 8, None, 1.0, ("entropy",))
     assert lean_calls  # and the plain case comes to the lean fold
+
+
+def test_token_tiles_capped_on_the_cpu_give_the_same_results(monkeypatch):
+    """Tiles of fewer tokens than a batch holds (several token chunks) give the per-token outputs of one tile bit
+    for bit and the same gradients; the cap is installed once, on a machine without a GPU only."""
+    import trl.kernels.chunked_logprob as kernels
+
+    import pipeline.trl_cpu as trl_cpu
+
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(23, 16), torch.randn(37, 16), torch.randint(0, 37, (23,))
+    trl_cpu.fold_tiles_leanly_on_cpu()
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK_SIZE", 4096)
+    whole = _chunked(hidden, weight, targets, 8, 0.3)
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK_SIZE", 5)  # tiles of 5, 5, 5, 5 and 3 tokens
+    tiled = _chunked(hidden, weight, targets, 8, 0.3)
+    for name, a, b in zip(("logprobs", "entropy", "log_sum_sq", "mean", "top1"), whole[:5], tiled[:5]):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("d hidden", "d weight"), whole[5:], tiled[5:]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name  # the weight's gradient sums tiles in another order
+
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK_SIZE", 4096)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trl_cpu.smaller_token_tiles_on_cpu() and trl_cpu.smaller_token_tiles_on_cpu()  # idempotent
+    assert kernels.TOKEN_CHUNK_SIZE == trl_cpu.CPU_TOKEN_TILE
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK_SIZE", 4096)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not trl_cpu.smaller_token_tiles_on_cpu() and kernels.TOKEN_CHUNK_SIZE == 4096  # a GPU keeps TRL's tiles
