@@ -163,3 +163,33 @@ def test_lm_head_only_dpo_changes_only_lm_head_with_shared_prompts(dpo_run, tmp_
         if name != "lm_head.weight":
             assert tensor.dtype == sft[name].dtype and torch.equal(tensor, sft[name]), name
     assert not torch.equal(saved["lm_head.weight"], sft["lm_head.weight"])
+
+
+def test_fp32_on_the_cpu_caps_the_dpo_micro_batch(dpo_run, tmp_path, monkeypatch):
+    """dpo.fp32_micro_batch_size applies where dpo trains in fp32 on a CPU, never to bf16 or a GPU, and the stage
+    splits its global batch by it (the same global batch, more accumulation)."""
+    import shutil
+
+    from pipeline.recipe import DpoConfig
+    from pipeline.run import run_recipe
+    from pipeline.trainer_args import micro_batch_ceiling
+
+    def ceiling(precision, device="cpu"):
+        cfg = DpoConfig(train_data=["x"], precision=precision, micro_batch_size=8, fp32_micro_batch_size=4)
+        return micro_batch_ceiling(cfg, "auto", device)
+
+    assert DpoConfig(train_data=["x"]).fp32_micro_batch_size == 4
+    assert ceiling("fp32") == 4 and ceiling("bf16") == 8 and ceiling("fp32", device="cuda") == 8
+    monkeypatch.setattr("pipeline.models.cpu_has_fast_bf16", lambda: False)
+    assert ceiling("auto") == 4  # auto without bf16 hardware trains in fp32
+
+    run_dir, _ = dpo_run
+    copy = tmp_path / "runs" / run_dir.name
+    for stage in ("tokenizer", "pretrain", "sft"):
+        shutil.copytree(run_dir / stage, copy / stage)
+    data = {**json.loads((run_dir.parent.parent / "dpo.yaml").read_text()), "output_dir": str(tmp_path / "runs")}
+    data["dpo"] = {**data["dpo"], "micro_batch_size": 4, "fp32_micro_batch_size": 1, "max_steps": 1}
+    path = tmp_path / "fp32.yaml"
+    path.write_text(json.dumps(data))
+    metrics = run_recipe(load_recipe(path), only="dpo")["dpo"]["metrics"]
+    assert (metrics["micro_batch"], metrics["gradient_accumulation"]) == (1, 4)

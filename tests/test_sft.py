@@ -186,7 +186,7 @@ def test_pad_to_multiple_of_reaches_the_collator(tmp_path):
 def test_fp32_on_the_cpu_caps_the_micro_batch(monkeypatch):
     """sft.fp32_micro_batch_size applies where sft trains in fp32 on a CPU (precision fp32, or auto without bf16
     hardware), never to bf16 or a GPU, and never raises the ceiling."""
-    from pipeline.stages.sft import micro_batch_ceiling
+    from pipeline.trainer_args import micro_batch_ceiling
 
     def ceiling(precision, device="cpu", micro=8, fp32=2, base_dtype="auto"):
         cfg = SftConfig(train_data=["x"], precision=precision, micro_batch_size=micro, fp32_micro_batch_size=fp32)

@@ -19,6 +19,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
@@ -45,6 +46,8 @@ from pipeline.trainer_args import (
     SameBatchesOnAnyTopology,
     StopOnNonFinite,
     common_trainer_kwargs,
+    fp32_ceiling_note,
+    micro_batch_ceiling,
     resume_checkpoint,
 )
 
@@ -142,7 +145,9 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
     world = accelerator.num_processes
-    split = split_batch("dpo", cfg.global_batch_size, cfg.micro_batch_size, world)
+    base_dtype = ctx.recipe.base.dtype if ctx.recipe.base else "auto"
+    ceiling = micro_batch_ceiling(cfg, base_dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    split = split_batch("dpo", cfg.global_batch_size, ceiling, world)
 
     # model and data
     sft_dir = ctx.output_of("sft")  # every SFT adapter merged in memory; TRL adds the fresh DPO adapter on top
@@ -162,7 +167,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
 
     started = time.perf_counter()  # trainer set-up counts: precomputed reference log-probs happen there
     args = TrlDPOConfig(
-        **common_trainer_kwargs(cfg, ctx, split, ctx.recipe.base.dtype if ctx.recipe.base else "auto"),
+        **common_trainer_kwargs(cfg, ctx, split, base_dtype),
         beta=cfg.beta,
         loss_type=list(cfg.loss_type),
         loss_weights=list(cfg.loss_weights) or None,
@@ -189,7 +194,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
     trainable, total = count_parameters(policy)
     what = f"fresh LoRA r={cfg.lora.r}" if cfg.trainable == "lora" else "lm_head only (untied)"
     ctx.log(f"{what}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
-            f"beta {cfg.beta}, loss {cfg.loss_type}; {split.describe('pairs')}{ceiling_note(split, cfg.micro_batch_size)}")
+            f"beta {cfg.beta}, loss {cfg.loss_type}; {split.describe('pairs')}{ceiling_note(split, ceiling)}"
+            f"{fp32_ceiling_note('dpo', cfg, ceiling)}")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     before = heldout(policy, tokenizer, eval_pairs, answers, cfg, seed, accelerator, kl=False, reference=reference)

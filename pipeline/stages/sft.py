@@ -31,8 +31,9 @@ from pipeline.trainer_args import (
     SameBatchesOnAnyTopology,
     StopOnNonFinite,
     common_trainer_kwargs,
+    fp32_ceiling_note,
+    micro_batch_ceiling,
     resume_checkpoint,
-    trains_in_bf16,
 )
 
 # ---------------------------------------------------------------- data
@@ -152,14 +153,6 @@ def heldout(model, tokenizer, records: list[dict], cfg: SftConfig, seed: int, ac
 # ---------------------------------------------------------------- the stage
 
 
-def micro_batch_ceiling(cfg: SftConfig, base_dtype: str, device_type: str) -> int:
-    """micro_batch_size, or fp32_micro_batch_size when it is smaller and sft trains in fp32 on a CPU: fp32
-    activations take twice the memory, and small fp32 matmuls lose no speed there (bench, AVX2 kernels)."""
-    if device_type == "cpu" and cfg.precision != "fp16" and not trains_in_bf16(cfg.precision, base_dtype, "cpu"):
-        return min(cfg.micro_batch_size, cfg.fp32_micro_batch_size)
-    return cfg.micro_batch_size
-
-
 def run(cfg: SftConfig, ctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
@@ -189,10 +182,9 @@ def run(cfg: SftConfig, ctx) -> dict:
 
     model = attach_lora(model, cfg)
     trainable, total = count_parameters(model)
-    fp32_note = "" if ceiling == cfg.micro_batch_size else f" (fp32 on the CPU: sft.fp32_micro_batch_size {ceiling})"
     ctx.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} trainable of "
             f"{total:,} parameters ({100 * trainable / total:.2f}%); {split.describe('conversations')}"
-            f"{ceiling_note(split, ceiling)}{fp32_note}")
+            f"{ceiling_note(split, ceiling)}{fp32_ceiling_note('sft', cfg, ceiling)}")
 
     # train
     started = time.perf_counter()
