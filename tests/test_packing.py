@@ -69,4 +69,5 @@ def test_packed_loss_counts_only_in_document_targets():
                 expected += F.cross_entropy(logits[:-1], torch.tensor(ids[a + 1:b]), reduction="sum").item()
                 n += b - a - 1
     assert count == n == int(blocks.target_mask()[[0, 1]].sum())
+    assert torch.equal(blocks.target_mask([1, 0]), blocks.target_mask()[[1, 0]])
     assert abs(loss.item() - expected) < 1e-4 * expected, (loss.item(), expected)

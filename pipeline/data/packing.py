@@ -23,9 +23,11 @@ class PackedBlocks:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def target_mask(self) -> torch.Tensor:
-        """(N, T-1) bool: which next-token predictions count (never across a document start)."""
-        return self.position_ids[:, 1:] != 0
+    def target_mask(self, rows=None) -> torch.Tensor:
+        """(N, T-1) bool: which next-token predictions count (never across a document start); of `rows` only
+        when given (a training step asks for its own rows, not a mask of the whole corpus)."""
+        position_ids = self.position_ids if rows is None else self.position_ids[rows]
+        return position_ids[:, 1:] != 0
 
 
 def tokenize_documents(texts: list[str], tokenizer, batch_size: int = 1000) -> list[list[int]]:

@@ -256,7 +256,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
             group["lr"] = lr_at(step, cfg)
         rows = global_batch(step, cfg.global_batch_size, len(train), seed)
         # every process knows the whole global batch, so each can normalise by its target count
-        n_targets = int(train.target_mask()[rows].sum())
+        n_targets = int(train.target_mask(rows).sum())
         mine = rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for micro in range(accumulation):
