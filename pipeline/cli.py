@@ -59,8 +59,9 @@ def _cmd_check(args) -> int:
         print("\n".join(describe(Recipe)))
     recipe = load_recipe(args.recipe, args.overrides)
     check_data_files(recipe, args.recipe)
+    ceilings, notes = _fp32_ceilings_here(recipe)
     try:
-        splits = {n: recipe.batch_splits(n) for n in args.processes}
+        splits = {n: recipe.batch_splits(n, ceilings) for n in args.processes}
     except PipelineError as exc:
         raise PipelineError(f"{args.recipe}: {exc}") from None
     print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages)}; outputs in {recipe.run_dir}")
@@ -70,8 +71,26 @@ def _cmd_check(args) -> int:
         for stage, split in by_stage.items():
             unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs", "reward": "pairs",
                     "rl": "replies"}.get(stage, "examples")
-            print(f"  {stage}: {split.describe(unit)}")
+            print(f"  {stage}: {split.describe(unit)}{notes.get(stage, '')}")
     return 0
+
+
+def _fp32_ceilings_here(recipe) -> tuple[dict[str, int], dict[str, str]]:
+    """The micro-batch ceiling each LoRA stage will use on this machine (its fp32_micro_batch_size where it trains
+    in fp32 on a CPU), and the note its log line gives, so that `check` prints the split the stage runs."""
+    import torch
+
+    from pipeline.trainer_args import fp32_ceiling_note, micro_batch_ceiling
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_dtype = recipe.base.dtype if recipe.base else "auto"
+    ceilings, notes = {}, {}
+    for stage in recipe.stages:
+        cfg = getattr(recipe, stage)
+        if hasattr(cfg, "fp32_micro_batch_size"):
+            ceilings[stage] = micro_batch_ceiling(cfg, base_dtype, device)
+            notes[stage] = fp32_ceiling_note(stage, cfg, ceilings[stage])
+    return ceilings, notes
 
 
 def _cmd_data_generate(args) -> int:

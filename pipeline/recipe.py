@@ -599,13 +599,15 @@ class Recipe:
         """The stages this recipe runs, in pipeline order."""
         return [s for s in STAGE_ORDER if getattr(self, s, None) is not None]
 
-    def batch_splits(self, processes: int) -> dict[str, BatchSplit]:
-        """Each training stage's batch split on this many processes; a PipelineError where none exists."""
+    def batch_splits(self, processes: int, ceilings: dict[str, int] | None = None) -> dict[str, BatchSplit]:
+        """Each training stage's batch split on this many processes, under its micro_batch_size or the ceiling
+        `ceilings` gives it (a stage's fp32 ceiling on this machine); a PipelineError where none exists."""
         splits = {}
         for stage in self.stages:
             cfg = getattr(self, stage)
             if hasattr(cfg, "global_batch_size"):
-                splits[stage] = split_batch(stage, cfg.global_batch_size, cfg.micro_batch_size, processes)
+                ceiling = (ceilings or {}).get(stage, cfg.micro_batch_size)
+                splits[stage] = split_batch(stage, cfg.global_batch_size, ceiling, processes)
         return splits
 
     @property

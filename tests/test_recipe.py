@@ -141,6 +141,26 @@ def test_check_processes_prints_every_split_and_refuses_an_impossible_one(capsys
     assert len(err) == 1 and err[0].startswith("error: recipes/quickstart.yaml: pretrain.global_batch_size")
 
 
+def test_check_prints_the_split_a_stage_runs_in_fp32_on_this_cpu(capsys, monkeypatch):
+    """Where sft and dpo train in fp32 on a CPU (auto without bf16 hardware), check prints the split under their
+    fp32 ceilings, as the stages log it; with bf16 hardware, the split under micro_batch_size."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(REPO)
+    overrides = ["sft.fp32_micro_batch_size=2", "dpo.fp32_micro_batch_size=4"]
+    monkeypatch.setattr("pipeline.models.cpu_has_fast_bf16", lambda: False)
+    assert main(["check", "recipes/quickstart.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "sft: 16 conversations per step = 1 process(es) x 2 x 8 accumulation (fp32 on the CPU: " \
+           "sft.fp32_micro_batch_size 2)" in out
+    assert "dpo: 16 pairs per step = 1 process(es) x 4 x 4 accumulation (fp32 on the CPU: " \
+           "dpo.fp32_micro_batch_size 4)" in out
+    monkeypatch.setattr("pipeline.models.cpu_has_fast_bf16", lambda: True)
+    assert main(["check", "recipes/quickstart.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "dpo: 16 pairs per step = 1 process(es) x 8 x 2 accumulation\n" in out and "fp32 on the CPU" not in out
+
+
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*.yaml")))
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_every_shipped_recipe_checks_on_one_and_two_processes(recipe, processes, monkeypatch, capsys):
