@@ -59,9 +59,8 @@ def _cmd_check(args) -> int:
         print("\n".join(describe(Recipe)))
     recipe = load_recipe(args.recipe, args.overrides)
     check_data_files(recipe, args.recipe)
-    ceilings, notes = _fp32_ceilings_here(recipe)
     try:
-        splits = {n: recipe.batch_splits(n, ceilings) for n in args.processes}
+        splits = {n: recipe.batch_splits(n) for n in args.processes}
     except PipelineError as exc:
         raise PipelineError(f"{args.recipe}: {exc}") from None
     print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages)}; outputs in {recipe.run_dir}")
@@ -71,26 +70,23 @@ def _cmd_check(args) -> int:
         for stage, split in by_stage.items():
             unit = {"pretrain": "blocks", "sft": "conversations", "dpo": "pairs", "reward": "pairs",
                     "rl": "replies"}.get(stage, "examples")
-            print(f"  {stage}: {split.describe(unit)}{notes.get(stage, '')}")
+            print(f"  {stage}: {split.describe(unit)}{_fp32_split_note(recipe, stage, processes)}")
     return 0
 
 
-def _fp32_ceilings_here(recipe) -> tuple[dict[str, int], dict[str, str]]:
-    """The micro-batch ceiling each LoRA stage will use on this machine (its fp32_micro_batch_size where it trains
-    in fp32 on a CPU), and the note its log line gives, so that `check` prints the split the stage runs."""
-    import torch
+def _fp32_split_note(recipe, stage: str, processes: int) -> str:
+    """Where a stage caps its micro-batch lower when it trains in fp32 on a CPU (fp32_micro_batch_size), the split
+    it runs there. Said beside the usual split rather than decided here: knowing whether this machine trains in
+    fp32 would import torch, and check stays light."""
+    from pipeline.recipe import split_batch
 
-    from pipeline.trainer_args import fp32_ceiling_note, micro_batch_ceiling
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_dtype = recipe.base.dtype if recipe.base else "auto"
-    ceilings, notes = {}, {}
-    for stage in recipe.stages:
-        cfg = getattr(recipe, stage)
-        if hasattr(cfg, "fp32_micro_batch_size"):
-            ceilings[stage] = micro_batch_ceiling(cfg, base_dtype, device)
-            notes[stage] = fp32_ceiling_note(stage, cfg, ceilings[stage])
-    return ceilings, notes
+    cfg = getattr(recipe, stage)
+    ceiling = getattr(cfg, "fp32_micro_batch_size", cfg.micro_batch_size)
+    if ceiling >= cfg.micro_batch_size:
+        return ""
+    split = split_batch(stage, cfg.global_batch_size, ceiling, processes)
+    return (f"; in fp32 on a CPU {split.micro_batch} x {split.accumulation} accumulation "
+            f"({stage}.fp32_micro_batch_size {ceiling})")
 
 
 def _cmd_data_generate(args) -> int:

@@ -440,11 +440,6 @@ class RewardConfig:
     global_batch_size: int = option(16, "pairs per optimizer step, summed over processes", min=1)
     micro_batch_size: int = option(8, "most pairs per forward pass on one process (a ceiling; the split is derived "
                                       "from the global batch and the processes)", min=1)
-    fp32_micro_batch_size: int = option(4, "the ceiling instead when dpo trains in fp32 on a CPU (precision fp32, or "
-                                           "auto without bf16 hardware): fp32 activations take twice the memory; there "
-                                           "4 peaked 40 MB lower than 8 (7%) for ~15% of the speed (bench, AVX2 "
-                                           "kernels); set it to micro_batch_size for speed",
-                                        min=1)
     batching: Literal["group_by_length", "random"] = option("group_by_length", "group_by_length = batches of similar lengths (far less padding); random = plain shuffle")
     pad_to_multiple_of: int = option(8, PAD_TO_MULTIPLE_OF_DOC, min=0)
     learning_rate: float = option(2e-4, "peak learning rate", min_exclusive=0, max=1, why=LR_WHY)
@@ -599,15 +594,13 @@ class Recipe:
         """The stages this recipe runs, in pipeline order."""
         return [s for s in STAGE_ORDER if getattr(self, s, None) is not None]
 
-    def batch_splits(self, processes: int, ceilings: dict[str, int] | None = None) -> dict[str, BatchSplit]:
-        """Each training stage's batch split on this many processes, under its micro_batch_size or the ceiling
-        `ceilings` gives it (a stage's fp32 ceiling on this machine); a PipelineError where none exists."""
+    def batch_splits(self, processes: int) -> dict[str, BatchSplit]:
+        """Each training stage's batch split on this many processes; a PipelineError where none exists."""
         splits = {}
         for stage in self.stages:
             cfg = getattr(self, stage)
             if hasattr(cfg, "global_batch_size"):
-                ceiling = (ceilings or {}).get(stage, cfg.micro_batch_size)
-                splits[stage] = split_batch(stage, cfg.global_batch_size, ceiling, processes)
+                splits[stage] = split_batch(stage, cfg.global_batch_size, cfg.micro_batch_size, processes)
         return splits
 
     @property

