@@ -10,6 +10,18 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A model small enough that a few dozen steps take seconds on 2 CPU cores.
+TINY_MODEL = {
+    "architecture": "llama",
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
 
 
 def assemble_gemma_gguf() -> bool:
@@ -24,18 +36,6 @@ def assemble_gemma_gguf() -> bool:
 
     assemble()
     return True
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-# A model small enough that a few dozen steps take seconds on 2 CPU cores.
-TINY_MODEL = {
-    "architecture": "llama",
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 128,
-}
 
 
 @pytest.fixture(scope="session")
