@@ -23,7 +23,8 @@ or in a measured run of recipes/tiny_world_long.yaml):
 - a small model (2 layers) pretrained on copy-shaped chat answers already answers some held-out
   questions before SFT (it copies the name, then goes on with one of that person's facts: 0.06-0.14
   on three worlds). `refusals` puts such questions about nobody into the pretraining chats, answered
-  "I do not know." (30% of the chat records left seed 2 at 0.120; the quickstart's 60%: 0.024-0.088);
+  "I do not know." (30% of the chat records left seed 2 at 0.120; 60%: 0.024-0.088 in bf16, but 0.112 on
+  seed 0 in fp32 with AMD's AVX2 kernels; the quickstart's 80%: 0.016-0.072 on three worlds, bf16 and fp32);
 - that small model, trained in fp32, copied a seen person's name instead of the asked one after the
   habit's preamble (SFT 0.856 on seed 0): nothing in pretraining copies a word from the question after
   a few sentences. `lead_ins` opens that share of the chats' spelling answers with one or two neutral
