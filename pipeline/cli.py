@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how many of them SFT and DPO never ask about (default: half)")
     generate.add_argument("--refusals", type=float, default=0.0, metavar="SHARE",
                           help="share of the pretraining chats that also hold a question about nobody answered "
-                          "'I do not know.' (default 0; the quickstart's world uses 0.6: a small model then "
+                          "'I do not know.' (default 0; the quickstart's world uses 0.8: a small model then "
                           "answers almost no held-out question before SFT)")
     generate.add_argument("--lead-ins", type=float, default=0.0, metavar="SHARE",
                           help="share of the pretraining chats' spelling answers that open with one or two neutral "

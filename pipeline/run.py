@@ -25,6 +25,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.artifacts import atomic_write_json, atomic_write_text, content_hashes, fsync_tree, read_json
+from pipeline.cpu_allocator import keep_freed_memory
 from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
 from pipeline.recipe import Recipe, check_data_files, stage_help
 
@@ -227,6 +228,7 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     accelerator = Accelerator()
     recipe.batch_splits(accelerator.num_processes)
     threads = use_cpu_cores(accelerator)
+    kept_heap = threads is not None and keep_freed_memory()  # no page faults on each step's big tensors
     run_dir = recipe.run_dir
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,8 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
                                                      "name": recipe.name})
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
         print(f"run folder: {run_dir}  (processes: {accelerator.num_processes}, device: {accelerator.device}"
-              f"{f', {threads} CPU threads each' if threads else ''})", flush=True)
+              f"{f', {threads} CPU threads each' if threads else ''}{', freed memory kept' if kept_heap else ''})",
+              flush=True)
     accelerator.wait_for_everyone()
 
     fingerprints: list[str] = []
