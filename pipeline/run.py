@@ -228,7 +228,7 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     accelerator = Accelerator()
     recipe.batch_splits(accelerator.num_processes)
     threads = use_cpu_cores(accelerator)
-    kept_heap = threads is not None and keep_freed_memory()  # no page faults on each step's big tensors
+    kept_heap = accelerator.device.type == "cpu" and keep_freed_memory()  # no page faults on big tensors
     run_dir = recipe.run_dir
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ except (OSError, AttributeError):
 # 30 training steps of a small language-model-shaped network (bf16 autocast, as on a CPU with bf16 hardware);
 # print whether the setting took and the minor page faults of the last 10 steps
 PROBE = """
-import resource, sys, torch
+import resource, torch
 from pipeline.cpu_allocator import keep_freed_memory
 kept = keep_freed_memory()
 torch.manual_seed(0)
