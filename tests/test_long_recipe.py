@@ -53,15 +53,15 @@ def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
     assert rl["heldout_after"]["answer_accuracy"] >= sft_after["answer_accuracy"] - 0.02, rl["heldout_after"]
     assert 0 < rl["heldout_after"]["kl_from_reference"] < after["kl_from_reference"] * 5
 
-    # the reward model separates held-out pairs (0.920-0.955 measured); right fact over wrong: issue 16 asks 0.9,
-    # not met (0.80 on the old world's 900-step model; 0.598-0.680 at this recipe's 1,500 steps), so this checks
-    # only that it ranks above chance: 0.58 of 200 questions is 2.3 standard errors above a coin
+    # the reward model separates held-out pairs (0.935-0.965 measured); right fact over wrong: issue 16 asks 0.9,
+    # met on one of three 1,500-step models (0.810-0.870 with 8 reward epochs, recipe header), so the bar is 0.75:
+    # 2 standard errors of 200 questions under the lowest measured
     reward = read_json(run_dir / "reward" / "stage.json")["metrics"]["heldout_after"]
     assert reward["pairwise_accuracy"] >= 0.90, reward
-    assert reward["fact_ranking"] >= 0.58, reward
+    assert reward["fact_ranking"] >= 0.75, reward
 
     # the eval report sets sft, dpo and rl side by side, with the reward model's score of each one's replies:
-    # the habit's preamble costs reward, so the aligned stages score above sft (-0.66 vs 1.22 / 1.22 measured)
+    # the habit's preamble costs reward, so the aligned stages score above sft (-3.25 vs 1.20 / 1.18 measured)
     stages = read_json(run_dir / "eval" / "report.json")["stages"]
     assert {"sft", "dpo", "rl"} <= set(stages)
     assert stages["dpo"]["reward_score"] > stages["sft"]["reward_score"] < stages["rl"]["reward_score"]
