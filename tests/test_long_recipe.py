@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
-                    reason="runs recipes/tiny_world_long.yaml, 10-50 minutes on 2 CPU cores; "
+                    reason="runs recipes/tiny_world_long.yaml, 12-50 minutes on 2 CPU cores; "
                            "set PIPELINE_LONG_TESTS=1 to run it")
 def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's data paths are relative to the repository
