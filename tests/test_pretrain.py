@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -208,6 +209,36 @@ def test_learning_rate_schedules():
     wsd.decay_steps, wsd.warmup_steps = 0, 101
     with pytest.raises(PipelineError, match="warmup_steps: 101 is more than max_steps \\(100\\)"):
         wsd.validate("pretrain")
+
+
+# a tiny Llama's loss, eager and through pipeline.stages.pretrain.compiled, in a fresh process
+COMPILED_LOSS = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from pipeline.stages.pretrain import compiled
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128))
+ids = torch.randint(0, 512, (2, 64))
+step = compiled(model, torch.device("cpu"))
+print(model(input_ids=ids, labels=ids).loss.item(), step(input_ids=ids, labels=ids).loss.item())
+"""
+
+
+@pytest.mark.skipif(not cxx_compiler_on_path(), reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
+def test_compiled_kernels_are_not_shared_between_cpu_capabilities(tmp_path):
+    """inductor's kernel cache is not keyed on ATEN_CPU_CAPABILITY: AVX2 kernels loaded on the AVX-512 path (or the
+    reverse) crashed or gave NaN. With the cache folder left to us, each capability gets its own. (On an AVX2-only
+    CPU both runs take the AVX2 path.)"""
+    env = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # inductor's default cache folder lies in the temporary folder
+    for capability in ("avx2", None):
+        run_env = {**env, "ATEN_CPU_CAPABILITY": capability} if capability else env
+        out = subprocess.run([sys.executable, "-c", COMPILED_LOSS], env=run_env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        eager, compiled = map(float, out.stdout.split())
+        assert math.isfinite(compiled) and abs(compiled - eager) < 1e-4, (capability, eager, compiled)
+    assert any(folder.name.endswith("_avx2") for folder in tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(not cxx_compiler_on_path(), reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import time
@@ -347,11 +348,27 @@ def cxx_compiler_on_path() -> bool:
 
 def compiled(model, device: torch.device):
     """torch.compile's inductor module, refused up front where it could only fail inside the first step."""
-    if device.type == "cpu" and not cxx_compiler_on_path():
-        raise PipelineError("pretrain.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler "
-                            "(c++, g++ or clang++) is on PATH; install one (apt-get install g++) or set "
-                            "pretrain.compile=false")
+    if device.type == "cpu":
+        if not cxx_compiler_on_path():
+            raise PipelineError("pretrain.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler "
+                                "(c++, g++ or clang++) is on PATH; install one (apt-get install g++) or set "
+                                "pretrain.compile=false")
+        inductor_cache_per_cpu_capability()
     return torch.compile(model, dynamic=False)
+
+
+def inductor_cache_per_cpu_capability() -> None:
+    """Keep inductor's on-disk CPU kernels apart per ATen CPU capability, where no cache folder is set.
+
+    Its cache is not keyed on the capability (torch 2.13): kernels built under ATEN_CPU_CAPABILITY=avx2 (the
+    README's way to run as an AVX2-only CPU) and loaded without it, or the reverse, crashed with "index out of
+    bounds" or "free(): invalid pointer" or gave a NaN loss at the first step (2026-12-01). torch itself writes its
+    default folder into TORCHINDUCTOR_CACHE_DIR once it has looked it up, so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 def _grad_norm(model, accelerator, clip: float) -> float:
