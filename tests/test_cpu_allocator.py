@@ -26,9 +26,10 @@ except (OSError, AttributeError):
 # and the minor page faults of each round
 PROBE = """
 import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: with huge pages one fault maps 512 pages ("always" on some distros)
 from pipeline.cpu_allocator import keep_freed_memory
 kept = keep_freed_memory()
-libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 blocks, size = int(sys.argv[1]), int(sys.argv[2]) << 20
@@ -47,7 +48,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def probe(keep: str, blocks: int, mib: int) -> tuple[bool, list[int]]:
-    env = {**os.environ, "PIPELINE_KEEP_FREED_MEMORY": keep}
+    # without the environment's own malloc settings (MALLOC_TRIM_THRESHOLD_ and the like, GLIBC_TUNABLES)
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env["PIPELINE_KEEP_FREED_MEMORY"] = keep
     command = [sys.executable, "-c", PROBE, str(blocks), str(mib)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
     return out[0] == "True", [int(count) for count in out[1:]]

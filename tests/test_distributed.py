@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,14 @@ def _sft_losses(run_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+
+def free_port() -> str:
+    """A port nothing listens on now: torch's default rendezvous port (29500) is taken by any other
+    torch.distributed job on the machine, a second checkout's tests included."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")
 def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
@@ -61,7 +70,8 @@ def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**cli_env, "PIPELINE_CPU_THREADS": "1"}
     result = subprocess.run([str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
-                             str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"), "-m", "pipeline", "run",
+                             str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"), "--main_process_port",
+                             free_port(), "-m", "pipeline", "run",
                              str(double)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout
@@ -163,7 +173,7 @@ def test_held_out_answers_are_split_across_processes_and_equal_one_process(tiny_
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     launcher = Path(sys.executable).parent / "accelerate"
     result = subprocess.run([str(launcher) if launcher.exists() else "accelerate", "launch", "--config_file",
-                             str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"),
+                             str(REPO / "launch" / "accelerate" / "multi_cpu_2.yaml"), "--main_process_port", free_port(),
                              str(REPO / "tests" / "fixtures" / "generate_across_processes.py"),
                              str(tmp_path / "tok"), str(tmp_path / "two.json")],
                             capture_output=True, text=True, env={**cli_env, "PIPELINE_CPU_THREADS": "1"}, timeout=600)

@@ -162,8 +162,11 @@ def test_kill_during_pretraining_then_rerun_resumes(write_recipe, cli_env):
     checkpoints = load_recipe(path).run_dir / "pretrain" / "checkpoints"
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], env=cli_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once a checkpoint at step 20 or later exists (step-0000020 itself is rotated away at step 40)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(checkpoints.glob("step-0000020")):
+    while time.time() < deadline and not any(int(c.name.removeprefix("step-")) >= 20
+                                             for c in checkpoints.glob("step-*") if c.name[5:].isdigit()):
+        assert process.poll() is None, "pretraining ended before it could be killed"
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -234,7 +237,8 @@ def test_compiled_kernels_are_not_shared_between_cpu_capabilities(tmp_path):
     env["TMPDIR"] = str(tmp_path)  # inductor's default cache folder lies in the temporary folder
     for capability in ("avx2", None):
         run_env = {**env, "ATEN_CPU_CAPABILITY": capability} if capability else env
-        out = subprocess.run([sys.executable, "-c", COMPILED_LOSS], env=run_env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", COMPILED_LOSS], env=run_env, capture_output=True, text=True,
+                             timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         eager, compiled = map(float, out.stdout.split())
         assert math.isfinite(compiled) and abs(compiled - eager) < 1e-4, (capability, eager, compiled)
