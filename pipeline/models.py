@@ -107,6 +107,24 @@ def lora_config(args, task_type: str = "CAUSAL_LM", also_save: tuple[str, ...] =
     )
 
 
+
+def restore_adapter_dropout(model, p: float) -> int:
+    """Set every LoRA adapter's input dropout back to the recipe's `lora.dropout`; the number of layers set.
+
+    TRL's DPO and reward trainers switch every nn.Dropout in the model off (their `disable_dropout`, on by default)
+    after peft has added the adapters, so the recipe's adapter dropout would silently do nothing. The model's own
+    dropout stays off, as TRL means it to."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for dropout in module.lora_dropout.values():
+                if isinstance(dropout, torch.nn.Dropout):
+                    dropout.p = p
+                    layers += 1
+    return layers
+
 def train_only_lm_head(model) -> None:
     """Freeze everything but the output projection, untied from the input embeddings.
 

@@ -528,6 +528,10 @@ class RlConfig:
         if self.global_batch_size % self.num_generations:
             raise PipelineError(f"{prefix}.global_batch_size ({self.global_batch_size}) must be a multiple of "
                                 f"num_generations ({self.num_generations}): each prompt's replies form one group")
+        if self.trainable == "lora" and self.lora.dropout > 0:
+            raise PipelineError(f"{prefix}.lora.dropout ({self.lora.dropout}) must be 0: rl compares the policy's "
+                                "log-probabilities with those it sampled under and with the reference token by token, "
+                                "so every dropout is off (TRL's disable_dropout)")
 
 
 @dataclass

@@ -271,6 +271,7 @@ def test_rl_lm_head_changes_only_lm_head(run_rl):
     ((), {"num_generations": 1}, "rl.num_generations: must be >= 2"),
     ((), {"global_batch_size": 6}, "must be a multiple of num_generations (4)"),
     ((), {"beta": -0.1}, "rl.beta: must be >= 0"),
+    ((), {"lora": {"dropout": 0.1}}, "rl.lora.dropout (0.1) must be 0"),
 ])
 def test_bad_rl_sections_are_one_line_errors(tiny_world, tmp_path, drop, rl_extra, message):
     data = tiny_recipe_dict(tiny_world, tmp_path / "runs", "bad")

@@ -36,6 +36,7 @@ from pipeline.models import (
     frozen_copy,
     load_stage_model,
     lora_config,
+    restore_adapter_dropout,
     save_aligned_policy,
     train_only_lm_head,
 )
@@ -190,6 +191,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
                    ChecksumOnSave()],
     )
     policy = trainer.model
+    if cfg.trainable == "lora":
+        restore_adapter_dropout(policy, cfg.lora.dropout)
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(policy)
     what = f"fresh LoRA r={cfg.lora.r}" if cfg.trainable == "lora" else "lm_head only (untied)"

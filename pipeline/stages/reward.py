@@ -24,7 +24,7 @@ from pipeline.data.pairs import split_pairs, training_pair_rows
 from pipeline.distributed import require_ranks_agree
 from pipeline.evaluation import read_scored_questions
 from pipeline.lineage import write_lineage
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
+from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, restore_adapter_dropout
 from pipeline.recipe import RewardConfig, ceiling_note, split_batch
 from pipeline.rewards import HEAD, LOAD_NOTE, fact_ranking, pairwise_metrics, reward_model_from, reward_scores
 from pipeline.trainer_args import (
@@ -113,6 +113,7 @@ def run(cfg: RewardConfig, ctx) -> dict:
         callbacks=[MetricsLog(ctx.out_dir / "metrics.jsonl", ctx.is_main), ChecksumOnSave()],
     )
     scorer = trainer.model
+    restore_adapter_dropout(scorer, cfg.lora.dropout)
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(scorer)
     ctx.log(f"fresh LoRA r={cfg.lora.r} + score head: {trainable:,} trainable of {total:,} "
