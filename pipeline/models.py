@@ -107,7 +107,6 @@ def lora_config(args, task_type: str = "CAUSAL_LM", also_save: tuple[str, ...] =
     )
 
 
-
 def restore_adapter_dropout(model, p: float) -> int:
     """Set every LoRA adapter's input dropout back to the recipe's `lora.dropout`; the number of layers set.
 
@@ -124,6 +123,7 @@ def restore_adapter_dropout(model, p: float) -> int:
                     dropout.p = p
                     layers += 1
     return layers
+
 
 def train_only_lm_head(model) -> None:
     """Freeze everything but the output projection, untied from the input embeddings.

@@ -191,8 +191,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
                    ChecksumOnSave()],
     )
     policy = trainer.model
-    if cfg.trainable == "lora":
-        restore_adapter_dropout(policy, cfg.lora.dropout)
+    restore_adapter_dropout(policy, cfg.lora.dropout)  # no adapter layers (trainable: lm_head): nothing to set
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(policy)
     what = f"fresh LoRA r={cfg.lora.r}" if cfg.trainable == "lora" else "lm_head only (untied)"
