@@ -164,8 +164,8 @@ def test_kill_during_pretraining_then_rerun_resumes(write_recipe, cli_env):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill once a checkpoint at step 20 or later exists (step-0000020 itself is rotated away at step 40)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(int(c.name.removeprefix("step-")) >= 20
-                                             for c in checkpoints.glob("step-*") if c.name[5:].isdigit()):
+    while time.time() < deadline and not any(c.name[5:].isdigit() and int(c.name[5:]) >= 20
+                                             for c in checkpoints.glob("step-*")):
         assert process.poll() is None, "pretraining ended before it could be killed"
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)

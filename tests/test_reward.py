@@ -47,12 +47,23 @@ def aligned_run(tiny_world, tmp_path_factory):
     return load_recipe(path).run_dir, records
 
 
+def tiny_word_model():
+    """A 40-word tokenizer (t0 pads, t1 ends) and a 2-layer Llama on it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(40)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                        pad_token="t0", eos_token="t1")
+    causal = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2))
+    return tokenizer, causal
+
 def test_trl_reward_loss_is_bradley_terry_by_hand():
     """TRL's loss on one batch equals -log sigmoid(r_chosen - r_rejected), with r = score . h(last token)
     worked out by hand on each unpadded sequence; and our score model starts at ln 2 (zero head)."""
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from trl import RewardConfig
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -60,12 +71,7 @@ def test_trl_reward_loss_is_bradley_terry_by_hand():
     from pipeline.stages.reward import RewardTrainerOnOurRows
 
     torch.manual_seed(0)
-    vocab = {f"t{i}": i for i in range(40)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t1")
-    causal = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
-                                                           num_hidden_layers=2, num_attention_heads=4,
-                                                           num_key_value_heads=2))
+    tokenizer, causal = tiny_word_model()
     model = reward_model_from(causal, pad_token_id=0)
     assert model.model is causal.model  # the causal LM's own backbone, not a copy
     rows = [{"chosen_ids": [2, 3, 4, 5, 6, 1], "rejected_ids": [2, 3, 4, 7, 1]},
@@ -92,14 +98,11 @@ def test_trl_reward_loss_is_bradley_terry_by_hand():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-
 def test_recipe_adapter_dropout_survives_trls_disable_dropout():
     """TRL's reward (and DPO) trainer turns every nn.Dropout off after peft adds the adapters; the stage turns the
     adapters' own back to lora.dropout (it once did nothing: 8 reward epochs with dropout 0.1 gave the same held-out
     numbers to the digit as without)."""
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from trl import RewardConfig
 
     from pipeline.models import lora_config, restore_adapter_dropout
@@ -107,11 +110,7 @@ def test_recipe_adapter_dropout_survives_trls_disable_dropout():
     from pipeline.rewards import reward_model_from
     from pipeline.stages.reward import RewardTrainerOnOurRows
 
-    vocab = {f"t{i}": i for i in range(40)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t1")
-    causal = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
-                                                           num_hidden_layers=2, num_attention_heads=4))
+    tokenizer, causal = tiny_word_model()
     rows = [{"chosen_ids": [2, 3, 4, 1], "rejected_ids": [2, 3, 5, 1]}]
     args = RewardConfig(output_dir="/tmp/unused-reward", use_cpu=True, bf16=False, report_to=[], max_length=None)
     trainer = RewardTrainerOnOurRows(model=reward_model_from(causal, pad_token_id=0), args=args,
@@ -122,6 +121,7 @@ def test_recipe_adapter_dropout_survives_trls_disable_dropout():
     assert dropouts and all(m.p == 0 for m in dropouts)  # TRL's disable_dropout
     assert restore_adapter_dropout(trainer.model, 0.1) == 14  # 2 layers x 7 linear layers
     assert all(m.p == 0.1 for m in dropouts)
+
 
 def test_reward_stage_learns_and_reports(aligned_run):
     run_dir, records = aligned_run
