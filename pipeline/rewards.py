@@ -160,6 +160,21 @@ def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) 
             "fact_questions": metrics["pairs"]}
 
 
+def likelihood_fact_ranking(causal, renderer: ChatRenderer, records: list[dict], seed: int, pad_id: int) -> dict:
+    """fact_ranking's pairs ranked by a causal LM's own log-likelihood of each reply instead of a score: for the
+    SFT model it says how much of what the model knows the reward model's head has learnt to read."""
+    from pipeline.data.world import wrong_fact_pairs
+    from pipeline.logprobs import completion_logps
+
+    rows, _ = tokenize_pairs(wrong_fact_pairs([r for r in records if r.get("scorer") == "tiny_world"], seed),
+                             renderer, max_length=1 << 30)
+    if not rows:
+        return {}
+    chosen = completion_logps(causal, [(r["prompt_ids"], r["chosen_ids"]) for r in rows], pad_id)
+    rejected = completion_logps(causal, [(r["prompt_ids"], r["rejected_ids"]) for r in rows], pad_id)
+    return {"likelihood_fact_ranking": _share(chosen - rejected)}
+
+
 # ---------------------------------------------------------------- rewards for rl
 
 

@@ -140,6 +140,39 @@ def test_reward_stage_learns_and_reports(aligned_run):
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_reward_stage_reports_the_sft_models_own_fact_ranking(aligned_run):
+    """The same held-out fact pairs ranked by the SFT model's log-likelihood of each reply, recomputed here one
+    sequence at a time with plain transformers + peft (the stage batches and pads through pipeline/logprobs.py)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.data.world import wrong_fact_pairs
+    from pipeline.evaluation import read_scored_questions
+
+    run_dir, records = aligned_run
+    config = records["reward"]["config"]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft")
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "pretrain"), run_dir / "sft").eval()
+    renderer = ChatRenderer(tokenizer)
+
+    def reply_logp(prompt, reply) -> float:
+        prompt_ids = renderer.prompt_ids(prompt)
+        ids = renderer.render([*prompt, *reply]).input_ids
+        assert ids[: len(prompt_ids)] == prompt_ids
+        with torch.no_grad():
+            logps = sft(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return sum(logps[i - 1, ids[i]].item() for i in range(len(prompt_ids), len(ids)))
+
+    answers = read_scored_questions(config["answer_data"], config["eval_limit"])
+    pairs = wrong_fact_pairs(answers, records["reward"]["seed"])
+    margins = [reply_logp(p["prompt"], p["chosen"]) - reply_logp(p["prompt"], p["rejected"]) for p in pairs]
+    expected = sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins)
+    reported = records["reward"]["metrics"]["sft_likelihood"]["likelihood_fact_ranking"]
+    assert len(pairs) == records["reward"]["metrics"]["heldout_after"]["fact_questions"]
+    assert reported == pytest.approx(expected, abs=1e-6)  # a float32 mean
+
+
 def test_reward_model_loads_with_plain_transformers_and_peft(aligned_run):
     """The recipe lineage.json and pipeline/rewards.py give: the base, the SFT adapter merged, the score class on
     its backbone, the reward adapter. It gives the numbers the stage had in memory, and scores a pair."""

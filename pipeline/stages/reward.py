@@ -26,7 +26,15 @@ from pipeline.evaluation import read_scored_questions
 from pipeline.lineage import write_lineage
 from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, restore_adapter_dropout
 from pipeline.recipe import RewardConfig, ceiling_note, split_batch
-from pipeline.rewards import HEAD, LOAD_NOTE, fact_ranking, pairwise_metrics, reward_model_from, reward_scores
+from pipeline.rewards import (
+    HEAD,
+    LOAD_NOTE,
+    fact_ranking,
+    likelihood_fact_ranking,
+    pairwise_metrics,
+    reward_model_from,
+    reward_scores,
+)
 from pipeline.trainer_args import (
     ChecksumOnSave,
     MetricsLog,
@@ -56,14 +64,14 @@ class RewardTrainerOnOurRows(StopOnNonFinite, SameBatchesOnAnyTopology, RewardTr
 
 
 def load_sft_reward_model(ctx):
-    """The SFT model (every adapter merged, in memory) as a one-label score model, its tokenizer
-    (padding with eos where it has no pad token: the score is read at the last non-pad token),
-    and the SFT stage's folder. TRL adds the fresh LoRA and trains the head."""
+    """The SFT model (every adapter merged, in memory) as a one-label score model, the causal LM it
+    shares its backbone with, its tokenizer (padding with eos where it has no pad token: the score is
+    read at the last non-pad token), and the SFT stage's folder. TRL adds the fresh LoRA and trains the head."""
     sft_dir = ctx.output_of("sft")
     causal, tokenizer = load_stage_model(sft_dir, merge_all=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return reward_model_from(causal, tokenizer.pad_token_id), tokenizer, sft_dir
+    return reward_model_from(causal, tokenizer.pad_token_id), causal, tokenizer, sft_dir
 
 
 # ---------------------------------------------------------------- evaluation
@@ -89,7 +97,7 @@ def run(cfg: RewardConfig, ctx) -> dict:
     split = split_batch("reward", cfg.global_batch_size, cfg.micro_batch_size, world)
 
     # model and data
-    model, tokenizer, sft_dir = load_sft_reward_model(ctx)
+    model, causal, tokenizer, sft_dir = load_sft_reward_model(ctx)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer, seed))
@@ -98,6 +106,13 @@ def run(cfg: RewardConfig, ctx) -> dict:
     answers = read_scored_questions(cfg.answer_data, cfg.eval_limit)
     ctx.log(f"{len(train_set):,} pairs; dropped {report['dropped'] or 'none'}; too long {too_long}; "
             f"duplicates {report['duplicates']}; backbone = the SFT model ({sft_dir})")
+
+    # before TRL puts the LoRA into the shared backbone: how the SFT model itself ranks the same facts
+    likelihood = likelihood_fact_ranking(causal, renderer, answers, seed, tokenizer.pad_token_id)
+    del causal  # its lm_head is not needed again
+    if likelihood:
+        ctx.log(f"the SFT model's own log-likelihood puts the right fact first on "
+                f"{likelihood['likelihood_fact_ranking']:.3f} of the held-out questions (what the score can learn to read)")
 
     started = time.perf_counter()
     args = TrlRewardConfig(
@@ -153,5 +168,6 @@ def run(cfg: RewardConfig, ctx) -> dict:
         "ranks_in_sync": in_sync,
         "heldout_before": before,
         "heldout_after": after,
+        "sft_likelihood": likelihood,  # the same held-out facts ranked by the SFT model itself
         "probe_chosen_rewards": probe,
     }
