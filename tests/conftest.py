@@ -142,6 +142,20 @@ def gemma_folder(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
+def tiny_word_model():
+    """A 40-word tokenizer (t0 pads, t1 ends) and a 2-layer Llama on it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(40)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                        pad_token="t0", eos_token="t1")
+    causal = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2))
+    return tokenizer, causal
+
+
 def sft_section(world, **extra) -> dict:
     return {
         "train_data": [str(world / "sft_train.jsonl")],

@@ -11,7 +11,7 @@ import torch
 from pipeline.artifacts import read_json
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
-from tests.conftest import dpo_section, sft_section
+from tests.conftest import dpo_section, sft_section, tiny_word_model
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])
@@ -20,8 +20,6 @@ def test_trl_dpo_loss_matches_the_formula(share_prompt):
     two rows per pair and with one row per pair sharing the prompt (pipeline/shared_prompt.py)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from trl import DPOConfig
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -29,12 +27,7 @@ def test_trl_dpo_loss_matches_the_formula(share_prompt):
     from pipeline.stages.dpo import DPOTrainerOnOurRows
 
     torch.manual_seed(0)
-    vocab = {f"t{i}": i for i in range(40)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t1")
-    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
-                                                          num_hidden_layers=2, num_attention_heads=4,
-                                                          num_key_value_heads=2))
+    tokenizer, model = tiny_word_model()
     rows = [{"prompt_ids": [2, 3, 4], "chosen_ids": [5, 6, 1], "rejected_ids": [7, 1]},
             {"prompt_ids": [8, 9], "chosen_ids": [10, 11, 12, 1], "rejected_ids": [13, 14, 1]}]
     beta = 0.3

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.recipe import load_recipe
-from tests.conftest import dpo_section, sft_section, tiny_recipe_dict
+from tests.conftest import dpo_section, sft_section, tiny_recipe_dict, tiny_word_model
 
 
 def reward_section(world, **extra) -> dict:
@@ -46,19 +46,6 @@ def aligned_run(tiny_world, tmp_path_factory):
     records = run_recipe(load_recipe(path))
     return load_recipe(path).run_dir, records
 
-
-def tiny_word_model():
-    """A 40-word tokenizer (t0 pads, t1 ends) and a 2-layer Llama on it."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(40)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t1")
-    causal = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64,
-                                                           num_hidden_layers=2, num_attention_heads=4,
-                                                           num_key_value_heads=2))
-    return tokenizer, causal
 
 def test_trl_reward_loss_is_bradley_terry_by_hand():
     """TRL's loss on one batch equals -log sigmoid(r_chosen - r_rejected), with r = score . h(last token)
