@@ -147,13 +147,17 @@ def pairwise_metrics(model, renderer: ChatRenderer, pairs: list[dict]) -> dict:
             "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(), "pairs": len(rows)}
 
 
+def _wrong_fact_pairs(records: list[dict], seed: int) -> list[dict]:
+    """Right-vs-wrong fact pairs from the records that declare the tiny-world scorer (pipeline/data/world.py)."""
+    from pipeline.data.world import wrong_fact_pairs
+
+    return wrong_fact_pairs([r for r in records if r.get("scorer") == "tiny_world"], seed)
+
+
 def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) -> dict:
     """On held-out questions of the tiny world (records that declare its scorer): the share where the
     reply with the right fact outscores the same reply with another person's value (pipeline/data/world.py)."""
-    from pipeline.data.world import wrong_fact_pairs
-
-    pairs = wrong_fact_pairs([r for r in records if r.get("scorer") == "tiny_world"], seed)
-    metrics = pairwise_metrics(model, renderer, pairs)
+    metrics = pairwise_metrics(model, renderer, _wrong_fact_pairs(records, seed))
     if not metrics:
         return {}
     return {"fact_ranking": metrics["pairwise_accuracy"], "fact_margin": metrics["mean_margin"],
@@ -163,11 +167,9 @@ def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) 
 def likelihood_fact_ranking(causal, renderer: ChatRenderer, records: list[dict], seed: int, pad_id: int) -> dict:
     """fact_ranking's pairs ranked by a causal LM's own log-likelihood of each reply instead of a score: for the
     SFT model it says how much of what the model knows the reward model's head has learnt to read."""
-    from pipeline.data.world import wrong_fact_pairs
     from pipeline.logprobs import completion_logps
 
-    rows, _ = tokenize_pairs(wrong_fact_pairs([r for r in records if r.get("scorer") == "tiny_world"], seed),
-                             renderer, max_length=1 << 30)
+    rows, _ = tokenize_pairs(_wrong_fact_pairs(records, seed), renderer, max_length=1 << 30)
     if not rows:
         return {}
     chosen = completion_logps(causal, [(r["prompt_ids"], r["chosen_ids"]) for r in rows], pad_id)

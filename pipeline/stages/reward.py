@@ -111,8 +111,9 @@ def run(cfg: RewardConfig, ctx) -> dict:
     likelihood = likelihood_fact_ranking(causal, renderer, answers, seed, tokenizer.pad_token_id)
     del causal  # its lm_head is not needed again
     if likelihood:
-        ctx.log(f"the SFT model's own log-likelihood puts the right fact first on "
-                f"{likelihood['likelihood_fact_ranking']:.3f} of the held-out questions (what the score can learn to read)")
+        share = likelihood["likelihood_fact_ranking"]
+        ctx.log(f"the SFT model's own log-likelihood puts the right fact first on {share:.3f} of the held-out "
+                f"questions (what the score can learn to read)")
 
     started = time.perf_counter()
     args = TrlRewardConfig(
