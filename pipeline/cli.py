@@ -53,17 +53,20 @@ def _print_summary(recipe, records) -> None:
 
 def _cmd_check(args) -> int:
     from pipeline.config_schema import describe
-    from pipeline.recipe import Recipe, check_base, check_data_files, load_recipe
+    from pipeline.recipe import Recipe, check_base, check_data_files, load_recipe, read_data_files
 
     if args.explain:
         print("\n".join(describe(Recipe)))
     recipe = load_recipe(args.recipe, args.overrides)
     check_data_files(recipe, args.recipe)
+    files, records, notes = read_data_files(recipe, recipe.stages, args.recipe)
     try:
         splits = {n: recipe.batch_splits(n) for n in args.processes}
     except PipelineError as exc:
         raise PipelineError(f"{args.recipe}: {exc}") from None
     print(f"{args.recipe}: ok; stages: {', '.join(recipe.stages)}; outputs in {recipe.run_dir}")
+    print(f"  data: {files} file(s) read as their stages read them, {records:,} records"
+          + "".join(f"\n  {note}" for note in notes))
     if recipe.base is not None:
         print(f"  base: {recipe.base.path}; chat template: {check_base(recipe.base, args.recipe)}")
     for processes, by_stage in splits.items():
@@ -245,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     check = verbs.add_parser("check", help="validate a recipe and its data files without training",
-                             description="Parse RECIPE with overrides, validate every key and value, and check "
-                             "that its data files exist. Takes a few seconds; trains nothing.")
+                             description="Parse RECIPE with overrides, validate every key and value, and read every "
+                             "local data file as its stage will (a malformed record stops here, naming file, line "
+                             "and field). Takes a few seconds; trains nothing.")
     check.add_argument("recipe", help="path to a recipe YAML file")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys")
     check.add_argument("--explain", action="store_true", help="print every recipe key with its default and doc")

@@ -30,15 +30,16 @@ from pipeline.errors import PipelineError
 
 
 def option(default: Any, doc: str, *, min=None, max=None, min_exclusive=None, max_exclusive=None,
-           finite: bool = True, choices=None, refused: dict | None = None, why: str = "", data: bool = False,
+           finite: bool = True, choices=None, refused: dict | None = None, why: str = "", data: Reads | None = None,
            **kwargs):
     """A dataclass field with its one-line doc and its valid values kept beside it.
 
     min / max: inclusive bounds; min_exclusive / max_exclusive: strict bounds. finite=False lets a float
     field hold NaN or inf (none does). choices: the allowed strings, or a function returning them (called
     only when a value is checked, so a library's list costs nothing until then). refused: choices that
-    exist but cannot be used here, each with the reason. why: said after a range error. data: the field
-    names data files a stage reads (they are checked to exist and hashed into the stage's fingerprint).
+    exist but cannot be used here, each with the reason. why: said after a range error. data: a Reads, where
+    the field names data files a stage reads (they are checked to exist, read by `check` and before a run the
+    way the stage reads them, and hashed into the stage's fingerprint).
     The doc, range and choices are shown by `pipeline check --explain`.
     """
     metadata = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive, "max_exclusive": max_exclusive,
@@ -265,13 +266,37 @@ def to_dict(obj) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def data_paths(obj) -> list[str]:
-    """Every value of the fields declared with data=True in a built config, nested sections included."""
-    paths: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """How a stage reads the files of one data field: the kind of record ("text", "conversation" or
+    "preference"), the format, and what a bad record does ("error" stops the stage, "drop" counts it). `fmt`
+    and `on_bad` may instead name another field of the same section (`format`, `bad_pairs`) that holds them."""
+
+    kind: str
+    fmt: str = "auto"
+    on_bad: str = "error"
+
+    def resolve(self, section) -> tuple[str, str, str]:
+        """(kind, format, on_bad) for this section's values."""
+        fields = {f.name for f in dataclasses.fields(section)}
+        return (self.kind, getattr(section, self.fmt) if self.fmt in fields else self.fmt,
+                getattr(section, self.on_bad) if self.on_bad in fields else self.on_bad)
+
+
+def data_fields(obj, prefix: str = "") -> list[tuple[str, list[str], tuple[str, str, str]]]:
+    """(dotted field name, its files, (kind, format, on_bad)) for every field declared with `data` in a built
+    config, nested sections included."""
+    found = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.metadata.get("data"):
-            paths += value if isinstance(value, list) else [value] if value else []
+            files = value if isinstance(value, list) else [value] if value else []
+            found.append((f"{prefix}{f.name}", files, f.metadata["data"].resolve(obj)))
         elif dataclasses.is_dataclass(value):
-            paths += data_paths(value)
-    return paths
+            found += data_fields(value, f"{prefix}{f.name}.")
+    return found
+
+
+def data_paths(obj) -> list[str]:
+    """Every data file named in a built config (the fields declared with `data`), nested sections included."""
+    return [file for _, files, _ in data_fields(obj) for file in files]

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from pipeline.config_schema import apply_override, build, closest, data_paths, option, printable
+from pipeline.config_schema import Reads, apply_override, build, closest, data_paths, option, printable
 from pipeline.data.formats import FORMATS
 from pipeline.errors import PipelineError
 
@@ -25,6 +25,13 @@ PAD_TO_MULTIPLE_OF_DOC = ("pad each micro-batch's length up to a multiple of thi
 
 # reward stands beside dpo (both start from the SFT model); it comes after dpo so existing runs keep their order.
 # rl starts from the SFT model too, and comes after reward because it may score its replies with the reward model.
+# how each stage reads the files its data fields name (`check`, and every run before its first stage, read them
+# the same way, so a bad record in a later stage's data stops the run before hours of earlier stages)
+TEXT = Reads("text")
+CONVERSATIONS = Reads("conversation")
+TRAIN_CONVERSATIONS = Reads("conversation", fmt="format", on_bad="on_bad_record")
+TRAIN_PAIRS = Reads("preference", fmt="format", on_bad="bad_pairs")
+HELD_OUT_PAIRS = Reads("preference", on_bad="drop")  # pair stages and eval drop (and count) bad held-out pairs
 STAGE_ORDER = ("tokenizer", "pretrain", "base", "sft", "dpo", "reward", "rl", "eval")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -207,7 +214,7 @@ class ModelConfig:
 class TokenizerConfig:
     """Byte-level BPE trained on the pretraining corpus, saved with a chat template."""
 
-    corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from", data=True)
+    corpus: list[str] = option([], "text files (.jsonl with a text field, or .txt) to learn merges from", data=TEXT)
     vocab_size: int = option(2048, "vocabulary size including special tokens", min=300, max=1_000_000,
                              why="256 bytes + the special tokens at least; past a million the embeddings alone "
                                  "take gigabytes")
@@ -227,10 +234,11 @@ class TokenizerConfig:
 class PretrainConfig:
     """Train a small causal transformer from scratch with next-token cross-entropy on packed blocks."""
 
-    train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on", data=True)
-    eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data", data=True)
+    train_data: list[str] = option([], "text files (.jsonl with a text field, or .txt) to train on", data=TEXT)
+    eval_data: list[str] = option([], "held-out text files for perplexity; empty: hold out eval_fraction of train_data",
+                                  data=TEXT)
     chat_data: list[str] = option([], "conversation files rendered with the chat template and mixed in, "
-                                  "so the chat control tokens are trained", data=True)
+                                  "so the chat control tokens are trained", data=CONVERSATIONS)
     eval_fraction: float = option(0.02, "share of training documents held out when eval_data is empty",
                                   min=0, max=0.5)
     model: ModelConfig = option(ModelConfig, "architecture of the model built from scratch")
@@ -294,10 +302,12 @@ class LoraArgs:
 class SftConfig:
     """Instruction fine-tuning with LoRA on chat data (TRL's SFTTrainer), loss on assistant tokens only."""
 
-    train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)", data=True)
+    train_data: list[str] = option([], "conversation files (messages, ShareGPT, Alpaca, prompt/completion)",
+                                   data=TRAIN_CONVERSATIONS)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("conversation"))
-    eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored", data=True)
+    eval_data: list[str] = option([], "held-out conversations; records with an `answer` field are scored",
+                                  data=CONVERSATIONS)
     eval_limit: int = option(200, "at most this many held-out conversations are answered before and after", min=0)
     eval_split: float = option(0.0, "share of train_data held out for evaluation when eval_data is empty (chosen by "
                                     "a seeded hash of each prompt, so dpo holds out the same prompts)", min=0,
@@ -346,11 +356,15 @@ class SftConfig:
 class DpoConfig:
     """Direct Preference Optimization of the SFT model (TRL's DPOTrainer); the reference is the SFT model."""
 
-    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)", data=True)
+    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, "
+                                       "Alpaca-style)",
+                                   data=TRAIN_PAIRS)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("preference"))
-    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins", data=True)
-    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate", data=True)
+    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy and reward margins",
+                                  data=HELD_OUT_PAIRS)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy and habit rate",
+                                    data=CONVERSATIONS)
     eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
     eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
                                     "(a seeded hash of each prompt: the same prompts sft holds out)", min=0,
@@ -422,12 +436,15 @@ class RewardConfig:
     """A reward model on the SFT model: Bradley-Terry loss on the preference pairs (TRL's RewardTrainer), a LoRA
     plus a scalar head on the last token, saved as a sequence-classification adapter."""
 
-    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, Alpaca-style)", data=True)
+    train_data: list[str] = option([], "preference files (prompt/chosen/rejected, HH-RLHF, LLaMA-Factory, "
+                                       "Alpaca-style)",
+                                   data=TRAIN_PAIRS)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("preference"))
-    eval_data: list[str] = option([], "held-out preference pairs: pairwise accuracy and mean margin", data=True)
+    eval_data: list[str] = option([], "held-out preference pairs: pairwise accuracy and mean margin",
+                                  data=HELD_OUT_PAIRS)
     answer_data: list[str] = option([], "held-out questions with an `answer` field (tiny world): how often the right "
-                                        "fact outscores a wrong one", data=True)
+                                        "fact outscores a wrong one", data=CONVERSATIONS)
     eval_limit: int = option(200, "at most this many held-out pairs / questions", min=0)
     eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
                                     "(the same seeded hash of each prompt as sft and dpo)", min=0, max_exclusive=1)
@@ -479,12 +496,13 @@ class RlConfig:
     scored by the reward, the group's mean is the baseline, and a KL penalty (beta) keeps the policy near SFT."""
 
     train_data: list[str] = option([], "preference files whose prompts are answered (the pairs dpo reads; the "
-                                       "chosen and rejected replies are not used)", data=True)
+                                       "chosen and rejected replies are not used)", data=TRAIN_PAIRS)
     format: str = option("auto", "data format; auto detects it from the fields of the first record",
                          choices=data_formats("preference"))
-    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy, and the KL prompts", data=True)
+    eval_data: list[str] = option([], "held-out preference pairs: preference accuracy, and the KL prompts",
+                                  data=HELD_OUT_PAIRS)
     answer_data: list[str] = option([], "held-out questions with an `answer` field: accuracy, habit rate and the "
-                                        "reward of the greedy replies", data=True)
+                                        "reward of the greedy replies", data=CONVERSATIONS)
     eval_limit: int = option(200, "at most this many held-out pairs / questions / KL prompts", min=0)
     eval_split: float = option(0.0, "share of train_data held out as evaluation pairs when eval_data is empty "
                                     "(a seeded hash of each prompt: the same prompts sft and dpo hold out)", min=0,
@@ -538,9 +556,10 @@ class RlConfig:
 class EvalConfig:
     """Every stage's model side by side on held-out data; by default the files the other stages name."""
 
-    text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)", data=True)
-    answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)", data=True)
-    preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)", data=True)
+    text_data: list[str] = option([], "held-out text for perplexity (default: pretrain.eval_data)", data=TEXT)
+    answer_data: list[str] = option([], "held-out questions with an `answer` field (default: sft.eval_data)",
+                                    data=CONVERSATIONS)
+    preference_data: list[str] = option([], "held-out preference pairs (default: dpo.eval_data)", data=HELD_OUT_PAIRS)
     limit: int = option(200, "at most this many examples of each kind", min=1)
     max_new_tokens: int = option(48, "tokens generated per answer", min=1)
     generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
@@ -612,7 +631,7 @@ class Recipe:
         return Path(self.output_dir) / self.name
 
     def data_files(self) -> dict[str, list[str]]:
-        """Data files each stage reads (every field declared with data=True), for `check` and fingerprints."""
+        """Data files each stage reads (every field declared with `data`), for `check` and fingerprints."""
         return {stage: data_paths(getattr(self, stage)) for stage in self.stages}
 
     def input_paths(self, stage: str) -> list[str]:
@@ -683,6 +702,35 @@ def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
             raise PipelineError(f"{source}: {key}: {problem}")
     if recipe.base is not None:
         check_base(recipe.base, source)
+
+
+def read_data_files(recipe: Recipe, stages: list[str], source: str | Path = "recipe") -> tuple[int, int, list[str]]:
+    """Read every local data file of these stages as the stage itself will (each field's Reads: kind, format, bad-
+    record policy), so a malformed record in the sft data stops `check`, or the run before pretraining, instead of
+    the sft stage after it. Returns (files read, records kept, one note per file whose bad records its stage will
+    drop and count, and per hub dataset id: that is left to its stage, as reading it here would download it)."""
+    from pipeline.config_schema import data_fields
+    from pipeline.data.readers import path_kind, read_records
+
+    files_read, records, notes = 0, 0, []
+    for stage in stages:
+        section = getattr(recipe, stage, None)
+        for name, files, (kind, fmt, on_bad) in data_fields(section) if section is not None else []:
+            for file in files:
+                if path_kind(file) is None:  # check_data_files found no such local path: a hub id
+                    notes.append(f"{stage}.{name}: {file}: a hub dataset, read (and downloaded) by its stage")
+                    continue
+                try:
+                    result = read_records(file, kind, fmt, on_bad=on_bad)
+                except PipelineError as exc:
+                    raise PipelineError(f"{source}: {stage}.{name}: {exc}") from None
+                files_read, records = files_read + 1, records + len(result.records)
+                if result.dropped:
+                    reasons = ", ".join(f"{reason} {count}" for reason, count in result.dropped.items())
+                    notes.append(f"{stage}.{name}: {file}: {sum(result.dropped.values())} of "
+                                 f"{sum(result.dropped.values()) + len(result.records)} records will be dropped "
+                                 f"({reasons}); first: {result.problems[0]}")
+    return files_read, records, notes
 
 
 def check_base(cfg: BaseModelConfig, source) -> str:

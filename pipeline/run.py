@@ -27,7 +27,7 @@ from pipeline import __version__
 from pipeline.artifacts import atomic_write_json, atomic_write_text, content_hashes, fsync_tree, read_json
 from pipeline.cpu_allocator import keep_freed_memory
 from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
-from pipeline.recipe import Recipe, check_data_files, stage_help
+from pipeline.recipe import Recipe, check_data_files, read_data_files, stage_help
 
 STAGE_MODULES = {
     "tokenizer": "pipeline.stages.tokenizer",
@@ -216,13 +216,15 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
                force: bool = False) -> dict[str, dict]:
     """Run (or skip) every stage; return each visited stage's stage.json record.
 
-    Everything that can be checked is checked before the run folder is touched: data files,
-    stage names, the batch split, the folder's owner.
+    Everything that can be checked is checked before the run folder is touched: data files (each read as its
+    stage will read it), stage names, the batch split, the folder's owner.
     """
     from accelerate import Accelerator  # heavy import kept out of `check` and `--help`
 
-    check_data_files(recipe)
+    source = getattr(recipe, "source", None) or "recipe"
+    check_data_files(recipe, source)
     stages, forced = _select(recipe, only, from_stage)
+    read_data_files(recipe, stages, source)  # a bad record in a later stage's data stops the run now, not hours in
     claim_run_folder(recipe, force)
     enable_cpu_data_parallel()
     accelerator = Accelerator()

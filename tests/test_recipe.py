@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,56 @@ def test_check_is_quick_and_explains(write_recipe, cli_env):
     assert result.returncode == 0, result.stderr
     assert "pretrain.max_steps: 600  # optimizer steps" in result.stdout
     assert "ok; stages: tokenizer, pretrain" in result.stdout
+
+
+def _sft_recipe(write_recipe, tiny_world, tmp_path, line: int, text: str, **policy) -> Path:
+    """A recipe with an sft stage whose training file has `text` in place of its line `line`."""
+    lines = (tiny_world / "sft_train.jsonl").read_text().splitlines()
+    lines[line - 1] = text
+    bad = tmp_path / "sft_bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    return write_recipe(updates={"sft.train_data": [str(bad)], "sft.eval_data": [str(tiny_world / "sft_heldout.jsonl")],
+                                 **{f"sft.{key}": value for key, value in policy.items()}})
+
+
+def test_check_and_run_read_every_stages_data_before_the_first_stage(write_recipe, tiny_world, tmp_path, cli_env):
+    path = _sft_recipe(write_recipe, tiny_world, tmp_path, 3, '{"messages": [}')
+    for verb in ("check", "run"):
+        result = _cli([verb, str(path)], cli_env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (f"error: {path}: sft.train_data: {tmp_path / 'sft_bad.jsonl'} line 3: "
+                                         "invalid JSON: Expecting value (column 15)")
+    assert not (tmp_path / "runs").exists()  # the run stopped before its tokenizer and pretraining
+
+
+def test_check_reads_data_as_the_stage_will_and_says_what_it_will_drop(write_recipe, tiny_world, tmp_path, cli_env):
+    ok = _cli(["check", str(write_recipe())], cli_env)
+    assert ok.returncode == 0 and "  data: 3 file(s) read as their stages read them, " in ok.stdout, ok.stderr
+    path = _sft_recipe(write_recipe, tiny_world, tmp_path, 2, '{"messages": "hello"}', on_bad_record="drop")
+    result = _cli(["check", str(path)], cli_env)
+    assert result.returncode == 0, result.stderr
+    total = len((tmp_path / "sft_bad.jsonl").read_text().splitlines())
+    assert f"sft.train_data: {tmp_path / 'sft_bad.jsonl'}: 1 of {total} records will be dropped" in result.stdout
+    assert "line 2" in result.stdout
+
+
+def test_every_data_field_says_how_its_stage_reads_it():
+    """Each data field's Reads resolves, on a default section, to a kind, a format of that kind and a policy."""
+    from pipeline.config_schema import data_fields
+    from pipeline.data.formats import FORMATS
+    from pipeline.recipe import STAGE_ORDER, Recipe
+
+    fields = typing.get_type_hints(Recipe)
+    resolved = {}
+    for stage in STAGE_ORDER:
+        section_class = next(a for a in typing.get_args(fields[stage]) if a is not type(None))
+        for name, files, (kind, fmt, on_bad) in data_fields(section_class()):
+            resolved[f"{stage}.{name}"] = kind
+            assert fmt == "auto" or fmt in FORMATS[kind]
+            assert on_bad in ("error", "drop") and files == []
+    assert resolved["sft.train_data"] == "conversation" and resolved["dpo.train_data"] == "preference"
+    assert resolved["pretrain.train_data"] == "text" and resolved["rl.answer_data"] == "conversation"
+    assert len(resolved) >= 17
 
 
 def test_base_replaces_tokenizer_and_pretrain(tmp_path):
