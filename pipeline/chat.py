@@ -7,7 +7,7 @@ and keeps the conversation. Commands: /reset, /system TEXT, /quit.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import (
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from pipeline.chat_template import ChatRenderer
-from pipeline.generation import stop_token_ids
+from pipeline.generation import context_length, stop_token_ids
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message), /quit"
 
@@ -96,22 +96,49 @@ class ChatSession:
 
     def __post_init__(self):
         self.renderer = ChatRenderer(self.tokenizer)
+        self.context = context_length(self.model)
         self.model.eval()
 
-    def messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+    def messages(self, history: list[dict] | None = None) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + (self.history if history is None else history)
 
-    def prompt_ids(self, user_text: str) -> list[int]:
+    def prompt_ids(self, user_text: str, history: list[dict] | None = None) -> list[int]:
         """The ids the model continues: the same render as training, ending at the assistant marker."""
-        return self.renderer.prompt_ids(self.messages() + [{"role": "user", "content": user_text}])
+        return self.renderer.prompt_ids(self.messages(history) + [{"role": "user", "content": user_text}])
+
+    def fitted_prompt(self, user_text: str) -> tuple[list[int], list[dict]]:
+        """prompt_ids and the history they hold: the oldest exchanges are left out (as other chat front ends do)
+        until the prompt leaves max_new_tokens of the model's context for the reply, or no history is left.
+        Past its context a model writes nonsense, so a message that does not fit even alone raises TooLong."""
+        history = self.history
+        ids = self.prompt_ids(user_text, history)
+        while history and len(ids) + self.sampling.max_new_tokens > self.context:
+            history = history[2:]  # one user message and its reply
+            ids = self.prompt_ids(user_text, history)
+        if len(ids) >= self.context:
+            raise TooLong(f"that message takes {len(ids):,} tokens with the chat's framing, but this model's context "
+                          f"is {self.context:,}: shorten it")
+        return ids, history
 
     def reply(self, user_text: str, stream=None) -> str:
+        """The model's reply (streamed to `stream` as it comes), kept in the history with the message. A message
+        refused as TooLong leaves the conversation as it was."""
+        ids, history = self.fitted_prompt(user_text)
+        dropped = (len(self.history) - len(history)) // 2
+        if dropped and stream is not None:
+            stream.write(f"(the {dropped} oldest exchange(s) no longer fit the model's {self.context:,}-token "
+                         "context and were left out) ")
         streamer = _Streamer(self.tokenizer, stream) if stream is not None else None
-        ids = generate_ids(self.model, self.tokenizer, self.renderer, self.prompt_ids(user_text), self.sampling,
-                           streamer=streamer)
-        text = decode_reply(self.tokenizer, ids)
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
+        budget = replace(self.sampling, max_new_tokens=min(self.sampling.max_new_tokens, self.context - len(ids)))
+        reply_ids = generate_ids(self.model, self.tokenizer, self.renderer, ids, budget, streamer=streamer)
+        text = decode_reply(self.tokenizer, reply_ids)
+        self.history = history + [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         return text
+
+
+class TooLong(Exception):
+    """A message that does not fit the model's context even without the conversation before it."""
 
 
 class _Streamer:
@@ -179,5 +206,8 @@ def run_chat(paths: list[str], sampling: Sampling, system: str | None, stdin=sys
         for path, session in sessions:
             stdout.write(f"{path}> " if len(sessions) > 1 else "assistant> ")
             stdout.flush()
-            session.reply(text, stream=stdout)
+            try:
+                session.reply(text, stream=stdout)
+            except TooLong as exc:
+                stdout.write(f"({exc})\n")
     return 0

@@ -201,7 +201,9 @@ def _cmd_eval(args) -> int:
 def _cmd_score(args) -> int:
     from pipeline.models import load_stage_model
     from pipeline.score import format_scores, score_sentences
+    from pipeline.warnings_filter import quiet_known_noise
 
+    quiet_known_noise()
     model, tokenizer = load_stage_model(args.path)
     print(format_scores(score_sentences(model, tokenizer, args.texts)))
     return 0
@@ -221,6 +223,12 @@ def _cmd_export(args) -> int:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of processes of at least 1, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
     return int(text)
 
 
@@ -281,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "first use and stay loaded.")
     serve.add_argument("run", help="a run folder, e.g. runs/quickstart")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PIPELINE_API_KEY, else none)")
     serve.set_defaults(func=_cmd_serve)
 

@@ -18,6 +18,11 @@ def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
     return ids
 
 
+def context_length(model) -> int:
+    """Positions the model can attend to (prompt and reply together); 2048 where its config names none."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
+
+
 class Reply(NamedTuple):
     text: str
     tokens: int  # generated before the stop token (or all of them when none came)

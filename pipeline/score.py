@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import PipelineError
+from pipeline.generation import context_length
+
 
 @dataclass
 class SentenceScore:
@@ -27,10 +30,14 @@ def score_sentences(model, tokenizer, texts: list[str]) -> list[SentenceScore]:
     model.eval()
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
+    limit = context_length(model)
     scores = []
-    for text in texts:
+    for number, text in enumerate(texts, start=1):
         ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         context = ([bos] if bos is not None else []) + ids
+        if len(context) > limit:  # past its positions a model's log-probabilities mean nothing
+            raise PipelineError(f"text {number} is {len(context):,} tokens, but this model's context is {limit:,}: "
+                                "score a shorter text")
         if bos is None:  # no BOS to condition on: the first token cannot be scored
             ids = ids[1:]
         tensor = torch.tensor([context], device=device)

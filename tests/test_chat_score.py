@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.chat import ChatSession, Sampling
+from pipeline.chat import ChatSession, Sampling, TooLong
 from pipeline.chat_template import ChatRenderer
+from pipeline.errors import PipelineError
 from pipeline.models import load_stage_model
 from pipeline.score import score_sentences
 
@@ -53,6 +55,30 @@ def test_chat_through_a_pipe_answers_and_exits(dpo_run, cli_env):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("assistant> ") == 2
     assert "(system message set; new conversation)" in result.stdout
+
+
+def test_chat_leaves_out_the_oldest_exchanges_and_refuses_a_message_longer_than_the_context(dpo_model):
+    _, model, tokenizer = dpo_model
+    session = ChatSession(model, tokenizer, Sampling(greedy=True, max_new_tokens=16))
+    assert session.context == model.config.max_position_embeddings == 128
+    shown = io.StringIO()
+    question = "Where does Tolbik live, and what is the job of the person who lives in the next town?"
+    for _ in range(6):
+        session.reply(question, stream=shown)
+        ids, _ = session.fitted_prompt(question)
+        assert len(ids) + 16 <= session.context  # the reply always has its max_new_tokens
+    assert 2 <= len(session.history) < 12
+    assert "oldest exchange(s) no longer fit the model's 128-token context and were left out" in shown.getvalue()
+    kept = list(session.history)
+    with pytest.raises(TooLong, match=r"that message takes \d+ tokens .* context is 128: shorten it"):
+        session.reply("word " * 200)
+    assert session.history == kept  # a refused message loses nothing
+
+
+def test_score_refuses_text_longer_than_the_context(dpo_model):
+    _, model, tokenizer = dpo_model
+    with pytest.raises(PipelineError, match=r"text 2 is \d+ tokens, but this model's context is 128"):
+        score_sentences(model, tokenizer, ["Tolbik lives in Varn.", "word " * 200])
 
 
 def test_score_sums_to_the_sequence_log_likelihood(dpo_model):

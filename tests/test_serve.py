@@ -240,6 +240,35 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(server):
     assert status == 405 and answer["error"]["message"]
 
 
+def test_a_port_in_use_or_out_of_range_is_a_one_line_error(dpo_run, cli_env):
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.errors import PipelineError
+    from pipeline.serve.app import listen_socket
+
+    run_dir, _ = dpo_run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PipelineError, match=rf"cannot listen on 127.0.0.1:{port}: .*in use; choose another --port"):
+            listen_socket("127.0.0.1", port)
+        result = subprocess.run([sys.executable, "-m", "pipeline", "serve", str(run_dir), "--port", str(port)],
+                                capture_output=True, text=True, env=cli_env, timeout=120)
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                                      "use; choose another --port"]
+    result = subprocess.run([sys.executable, "-m", "pipeline", "serve", str(run_dir), "--port", "99999"],
+                            capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 2 and "argument --port: expected a TCP port from 1 to 65535, got '99999'" in result.stderr
+    assert "Traceback" not in result.stderr
+    free = listen_socket("127.0.0.1", 0)  # the socket uvicorn is handed is bound where asked
+    assert free.getsockname()[0] == "127.0.0.1" and free.getsockname()[1] > 0
+    free.close()
+
+
 def test_the_api_key_is_enforced_when_set(dpo_run):
     from openai import AuthenticationError, OpenAI
 

@@ -12,6 +12,7 @@ before it is read whole and each refusal carries OpenAI's shape rather than Fast
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -305,7 +306,31 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     stages = StageModels(run_dir).names()
     if not stages:
         raise PipelineError(f"{run_dir}: no finished model stage (pretrain, base, sft, dpo or rl) to serve")
+    listening = listen_socket(host, port)
     print(f"serving {', '.join(stages)} from {run_dir} at http://{host}:{port}/ (API: http://{host}:{port}/v1"
           f"{', key required' if api_key else ''}); models load on first use")
-    uvicorn.run(create_app(run_dir, api_key), host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_app(run_dir, api_key), host=host, port=port, log_level="info"))
+    server.run(sockets=[listening])
     return 0
+
+
+def listen_socket(host: str, port: int):
+    """A socket bound to host:port, handed to uvicorn: a port in use or an address this machine does not have is
+    a one-line error here, before the models are named as served (uvicorn would log it and exit with code 3)."""
+    import socket
+
+    from pipeline.errors import PipelineError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise PipelineError(f"--host {host}: cannot be resolved ({exc.strerror})") from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may rebind at once
+    try:
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host and --port"
+        raise PipelineError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from None
+    return listening

@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from pipeline.chat import Sampling, decode_reply, generate_ids
 from pipeline.chat_template import ChatRenderer
 from pipeline.errors import PipelineError
-from pipeline.generation import stop_token_ids
+from pipeline.generation import context_length, stop_token_ids
 from pipeline.lineage import stale_upstream
 from pipeline.stages.eval import MODEL_STAGES, read_stage_status
 
@@ -135,9 +135,7 @@ class StageModels:
                 except PipelineError as exc:
                     raise RequestError(f"The model '{name}' cannot be loaded: {exc}", "model", "model_unavailable",
                                        409) from None
-                config = model.config.get_text_config()
-                context = getattr(config, "max_position_embeddings", None) or 2048
-                loaded = self._loaded[name] = Loaded(model.eval(), tokenizer, renderer, context, stamp,
+                loaded = self._loaded[name] = Loaded(model.eval(), tokenizer, renderer, context_length(model), stamp,
                                                      threading.Lock())
         return loaded
 
