@@ -262,7 +262,8 @@ def test_a_port_in_use_or_out_of_range_is_a_one_line_error(dpo_run, cli_env):
                                                       "use; choose another --port"]
     result = subprocess.run([sys.executable, "-m", "pipeline", "serve", str(run_dir), "--port", "99999"],
                             capture_output=True, text=True, env=cli_env, timeout=120)
-    assert result.returncode == 2 and "argument --port: expected a TCP port from 1 to 65535, got '99999'" in result.stderr
+    assert result.returncode == 2
+    assert "argument --port: expected a TCP port from 1 to 65535, got '99999'" in result.stderr
     assert "Traceback" not in result.stderr
     free = listen_socket("127.0.0.1", 0)  # the socket uvicorn is handed is bound where asked
     assert free.getsockname()[0] == "127.0.0.1" and free.getsockname()[1] > 0
