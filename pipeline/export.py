@@ -10,6 +10,10 @@ so the exported weights are the ones those saw. Two layouts:
   (base + earlier adapters merged) in OUT/parent/. The adapter's base_model_name_or_path names
   OUT/parent, which is the truth: the dpo adapter was trained on sft-merged weights, not on the base.
 
+A reward stage exports merged only, as a sequence-classification folder (the SFT backbone with the
+reward LoRA merged, and the trained score head): `AutoModelForSequenceClassification.from_pretrained(OUT)`
+scores a rendered prompt + reply at its last token that is not padding, as the reward stage did.
+
 OUT is built in a sibling folder and renamed into place, so a crash never leaves half of it.
 """
 
@@ -26,7 +30,10 @@ from pipeline.artifacts import atomic_write_text, fsync_tree, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
+from pipeline.lineage import lineage_head
 from pipeline.models import lineage_of, load_stage_model
+from pipeline.rewards import HEAD as REWARD_HEAD
+from pipeline.rewards import load_reward_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_MODEL = ("tokenizer", "eval")  # stages whose folder holds no model
@@ -40,6 +47,11 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"{out} already exists and is not empty; give a new folder (nothing is overwritten)")
     base, adapters, _ = lineage_of(stage_dir)
+    reward = lineage_head(stage_dir) == REWARD_HEAD
+    if adapter_only and reward:
+        raise PipelineError(f"{stage_dir}: a reward stage's folder is already its adapter (LoRA + score head on the "
+                            "SFT model; its lineage.json says how to load it): export it merged, without "
+                            "--adapter-only")
     if adapter_only and not adapters:
         raise PipelineError(f"{stage_dir}: stage {record['stage']} is a full model with no adapter; "
                             "export it without --adapter-only")
@@ -58,10 +70,16 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             atomic_write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
             shutil.copyfile(adapters[-1] / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
             tokenizer.save_pretrained(tmp)  # the chat template travels with the adapter too
+        elif reward:
+            model, tokenizer = load_reward_model(stage_dir)
+            model = model.merge_and_unload().to(DTYPES.get(dtype, model.dtype))  # the trained head replaces the zero one
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         else:
             model, tokenizer = load_stage_model(stage_dir, dtype=DTYPES.get(dtype), merge_all=True)
             _save_full(model, tokenizer, tmp)
-        card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only)
+        card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only,
+                          reward)
         atomic_write_text(tmp / "README.md", card)
         fsync_tree(tmp)
         try:
@@ -89,7 +107,7 @@ def finished_model_stage(stage_dir: Path) -> dict:
     name = record["stage"]
     if name in NO_MODEL:
         raise PipelineError(f"{stage_dir}: the {name} stage holds no model; export a model stage "
-                            "(pretrain, base, sft, dpo or rl)")
+                            "(pretrain, base, sft, dpo, reward or rl)")
     if record.get("status") != "done":
         raise PipelineError(f"{stage_dir}: stage {name} is not finished (status {record.get('status')}); "
                             "finish it first: pipeline run RECIPE")
@@ -112,7 +130,8 @@ def _save_full(model, tokenizer, folder: Path) -> None:
 # ---------------------------------------------------------------- model card
 
 
-def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool) -> str:
+def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool,
+               reward: bool = False) -> str:
     """README.md: where the weights come from (base, adapters in order), and each stage's data and metrics."""
     run_dir = stage_dir.resolve().parent
     hub_base = not Path(base).exists()
@@ -130,6 +149,16 @@ def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], d
                   "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                   'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("OUT/parent"), "OUT")',
                   "```", ""]
+    elif reward:
+        lines += ["A reward model: every adapter is merged and the trained score head kept; the folder loads with "
+                  "transformers alone. It scores a prompt and reply rendered with the tokenizer's chat template, at "
+                  "the last token that is not padding (`config.pad_token_id`).", "",
+                  "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  'model = AutoModelForSequenceClassification.from_pretrained("OUT")',
+                  'tokenizer = AutoTokenizer.from_pretrained("OUT")',
+                  "# messages: the user's turn(s) and the assistant's reply",
+                  'ids = tokenizer.apply_chat_template(messages, return_dict=True, return_tensors="pt")["input_ids"]',
+                  "reward = model(ids).logits[0, 0]", "```", ""]
     else:
         lines += ["Every adapter is merged: the folder loads with transformers alone.", "",
                   "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -199,6 +199,33 @@ def test_reward_model_loads_with_plain_transformers_and_peft(aligned_run):
         load_stage_model(run_dir / "reward")  # not a language model: chat, export and eval refuse it
 
 
+def test_reward_model_exports_to_one_sequence_classification_folder(aligned_run, tmp_path):
+    """`pipeline export RUN/reward OUT`: transformers alone loads it and scores as the stage did; the card's
+    snippet (the tokenizer's own chat template) renders what the stage rendered."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.data.pairs import load_pairs
+    from pipeline.export import export_stage
+    from pipeline.rewards import reward_scores
+
+    run_dir, records = aligned_run
+    out = export_stage(run_dir / "reward", tmp_path / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert "AutoModelForSequenceClassification" in (out / "README.md").read_text()
+    pairs, _ = load_pairs(records["reward"]["config"]["train_data"], "auto", "drop")
+    messages = [[*pair["prompt"], *pair["chosen"]] for pair in pairs[:4]]
+    as_trained = [ChatRenderer(tokenizer).render(m).input_ids for m in messages]
+    by_template = [tokenizer.apply_chat_template(m, return_dict=True)["input_ids"] for m in messages]
+    assert by_template == as_trained
+    probe = records["reward"]["metrics"]["probe_chosen_rewards"]
+    assert reward_scores(model, as_trained).tolist() == pytest.approx(probe, abs=1e-5)
+    with pytest.raises(PipelineError, match="already its adapter"):
+        export_stage(run_dir / "reward", tmp_path / "rm-adapter", adapter_only=True)
+
+
 def test_dpo_lm_head_changes_only_lm_head(aligned_run):
     """Byte for byte: every saved tensor but lm_head.weight equals the SFT model's merged weights."""
     from safetensors.torch import load_file
