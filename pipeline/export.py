@@ -72,7 +72,8 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             tokenizer.save_pretrained(tmp)  # the chat template travels with the adapter too
         elif reward:
             model, tokenizer = load_reward_model(stage_dir)
-            model = model.merge_and_unload().to(DTYPES.get(dtype, model.dtype))  # the trained head replaces the zero one
+            # merging puts the trained score head in place of the zero one the class was built with
+            model = model.merge_and_unload().to(DTYPES.get(dtype, model.dtype))
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         else:
