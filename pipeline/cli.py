@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from pipeline.errors import Interrupted, PipelineError, StageFailed
+
+# errnos of a file system that refuses a write: the user's to fix, said in one line
+FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 EXAMPLES = """examples:
   accelerate launch -m pipeline run recipes/quickstart.yaml      all stages, resumable
@@ -392,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no second error at exit
         return 0
+    except OSError as exc:  # the file system refused (permissions, a full disk, a read-only mount)
+        if exc.errno not in FILE_SYSTEM_REFUSALS:
+            raise
+        _say_once(f"error: {exc.strerror}: {exc.filename}" if exc.filename else f"error: {exc.strerror}")
+        return 2
     finally:
         if "torch" in sys.modules:  # only a verb that imported torch can have started a process group
             from pipeline.distributed import leave_process_group

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from pipeline.chat_template import ChatRenderer
-from pipeline.errors import is_out_of_memory
+from pipeline.errors import PipelineError, is_out_of_memory
 
 
 def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
@@ -21,6 +22,22 @@ def stop_token_ids(tokenizer, renderer: ChatRenderer) -> list[int]:
 def context_length(model) -> int:
     """Positions the model can attend to (prompt and reply together); 2048 where its config names none."""
     return getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
+
+
+def within_context(cfg, key: str, model, log, reserve: int = 0):
+    """`cfg` with its length limit `key` lowered to what the model's context leaves after `reserve` tokens (the
+    sampled reply, for rl's prompts), and a log line saying so; `cfg` itself where it fits. Past its positions a
+    model's outputs mean nothing (one with learned position embeddings fails outright), so rows longer than the
+    context meet the stage's too-long policy like any other over-long row."""
+    room = context_length(model) - reserve
+    if room < 1:
+        raise PipelineError(f"{key}: the model's context ({context_length(model)} positions) leaves no room once "
+                            f"{reserve} reply tokens are reserved; lower max_new_tokens")
+    if getattr(cfg, key) <= room:
+        return cfg
+    log(f"{key} {getattr(cfg, key)} is more than the model's context leaves ({room} tokens"
+        f"{f' after {reserve} for the reply' if reserve else ''}): longer rows count as too long")
+    return dataclasses.replace(cfg, **{key: room})
 
 
 class Reply(NamedTuple):

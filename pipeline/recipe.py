@@ -647,13 +647,35 @@ class Recipe:
         return paths
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one silently, so a
+    second `sft:` section would replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys this mapping may override
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key `{key}` appears twice in one mapping (first on line {first_line[key]})",
+                            key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """The recipe file as a dict, with YAML syntax errors reported by line."""
+    """The recipe file as a dict, with YAML syntax errors (and keys given twice) reported by line."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

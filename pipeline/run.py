@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import platform
 import shutil
 import signal
@@ -212,6 +213,16 @@ def claim_run_folder(recipe: Recipe, force: bool) -> None:
         )
 
 
+def writable_run_folder(run_dir: Path) -> None:
+    """The run folder exists (made here, by every process at once: exist_ok) and this user may write in it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"cannot make the run folder {run_dir}: {exc.strerror}; choose another output_dir") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot write in the run folder {run_dir}: permission denied; choose another output_dir")
+
+
 def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None = None,
                force: bool = False) -> dict[str, dict]:
     """Run (or skip) every stage; return each visited stage's stage.json record.
@@ -225,6 +236,7 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     check_data_files(recipe, source)
     stages, forced = _select(recipe, only, from_stage)
     read_data_files(recipe, stages, source)  # a bad record in a later stage's data stops the run now, not hours in
+    writable_run_folder(recipe.run_dir)
     claim_run_folder(recipe, force)
     enable_cpu_data_parallel()
     accelerator = Accelerator()

@@ -61,6 +61,50 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_recipe(path)
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    """Plain YAML keeps the last of two `sft:` sections silently; a recipe refuses it. A merge key may be overridden."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: x\nsft:\n  epochs: 3\npretrain: {}\nsft:\n  epochs: 1\n")
+    with pytest.raises(PipelineError, match=r"twice.yaml line 5, column 1: invalid YAML: key `sft` appears twice "
+                                            r"in one mapping \(first on line 2\)"):
+        load_recipe(path)
+    path.write_text("name: x\nsft: {epochs: 1, epochs: 2}\n")
+    with pytest.raises(PipelineError, match=r"line 2, column 18: .*key `epochs` appears twice"):
+        load_recipe(path)
+    from pipeline.recipe import read_yaml
+
+    path.write_text("name: x\ndefaults: &d {epochs: 1, learning_rate: 0.1}\nsft:\n  <<: *d\n  epochs: 2\n")
+    assert read_yaml(path)["sft"] == {"epochs": 2, "learning_rate": 0.1}
+
+
+def test_a_run_folder_that_cannot_be_made_is_a_one_line_error(write_recipe, tmp_path, cli_env):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = _cli(["run", str(write_recipe()), f"output_dir={tmp_path / 'a_file' / 'runs'}"], cli_env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: cannot make the run folder {tmp_path / 'a_file' / 'runs' / 'tiny'}: "
+                                     "Not a directory; choose another output_dir")
+
+
+def test_a_full_disk_or_refused_write_is_a_one_line_error(monkeypatch, capsys):
+    import errno
+
+    import pipeline.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/sft/checkpoint-3")
+
+    monkeypatch.setattr(cli, "_cmd_check", full)
+    assert cli.main(["check", "any.yaml"]) == 2
+    assert capsys.readouterr().err == "error: No space left on device: runs/x/sft/checkpoint-3\n"
+
+    def bug(args):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "a bug of ours")
+
+    monkeypatch.setattr(cli, "_cmd_check", bug)
+    with pytest.raises(FileNotFoundError):  # not a refusal of the file system: its traceback stays
+        cli.main(["check", "any.yaml"])
+
+
 def _cli(args, env, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120)

@@ -111,6 +111,31 @@ def test_qlora_without_a_gpu_is_refused(write_recipe, tiny_world):
         run_recipe(load_recipe(path))
 
 
+def test_max_length_past_the_models_context_drops_longer_conversations(write_recipe, tiny_world, tmp_path, capsys):
+    """sft.max_length 512 on a model with 128 positions: a 300-token conversation counts as too long (a model
+    past its positions learns nothing real, and one with learned position embeddings fails), and the log says so."""
+    from pipeline.generation import within_context
+    from pipeline.recipe import SftConfig
+
+    long_one = {"messages": [{"role": "user", "content": "Tell me everything. " * 60},
+                             {"role": "assistant", "content": "Tolbik lives in Varn."}]}
+    data = tmp_path / "with_long.jsonl"
+    data.write_text((tiny_world / "sft_train.jsonl").read_text() + json.dumps(long_one) + "\n")
+    path = write_recipe(updates={"sft": sft_section(tiny_world, train_data=[str(data)], max_length=512)})
+    records = run_recipe(load_recipe(path))
+    assert records["sft"]["metrics"]["data"]["too_long_dropped"] == 1
+    assert "[sft] max_length 512 is more than the model's context leaves (128 tokens)" in capsys.readouterr().out
+
+    lines = []
+    model = type("M", (), {"config": type("C", (), {"get_text_config": lambda self: self,
+                                                    "max_position_embeddings": 128})()})()
+    assert within_context(SftConfig(max_length=100), "max_length", model, lines.append).max_length == 100
+    assert within_context(SftConfig(max_length=512), "max_length", model, lines.append).max_length == 128
+    with pytest.raises(PipelineError, match="leaves no room once 128 reply tokens are reserved"):
+        within_context(SftConfig(), "max_length", model, lines.append, reserve=128)
+    assert len(lines) == 1
+
+
 def test_bad_record_names_file_line_and_field(write_recipe, tiny_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -30,6 +30,7 @@ from pipeline.data.pairs import split_pairs, training_pair_rows
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import StageFailed
 from pipeline.evaluation import HeldOut, Settings, evaluate_model, read_scored_questions, summary
+from pipeline.generation import within_context
 from pipeline.logprobs import completion_logps
 from pipeline.models import (
     count_parameters,
@@ -153,6 +154,7 @@ def run(cfg: DpoConfig, ctx) -> dict:
     # model and data
     sft_dir = ctx.output_of("sft")  # every SFT adapter merged in memory; TRL adds the fresh DPO adapter on top
     model, tokenizer = load_stage_model(sft_dir, merge_all=True)
+    cfg = within_context(cfg, "max_length", model, ctx.log)
     reference = None  # lora: the policy with its adapter disabled
     if cfg.trainable == "lm_head":
         reference = frozen_copy(model)

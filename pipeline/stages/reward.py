@@ -23,6 +23,7 @@ from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.pairs import split_pairs, training_pair_rows
 from pipeline.distributed import require_ranks_agree
 from pipeline.evaluation import read_scored_questions
+from pipeline.generation import within_context
 from pipeline.lineage import write_lineage
 from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, restore_adapter_dropout
 from pipeline.recipe import RewardConfig, ceiling_note, split_batch
@@ -98,6 +99,7 @@ def run(cfg: RewardConfig, ctx) -> dict:
 
     # model and data
     model, causal, tokenizer, sft_dir = load_sft_reward_model(ctx)
+    cfg = within_context(cfg, "max_length", causal, ctx.log)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
                                   lambda: prepare_rows(cfg, renderer, seed))

@@ -49,7 +49,7 @@ from pipeline.data.split import prompt_key
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, read_scored_questions, summary
-from pipeline.generation import prompts_of, stop_token_ids
+from pipeline.generation import prompts_of, stop_token_ids, within_context
 from pipeline.logprobs import completion_logps
 from pipeline.models import (
     count_parameters,
@@ -210,6 +210,7 @@ def run(cfg: RlConfig, ctx) -> dict:
     # model, reference and rewards
     sft_dir = ctx.output_of("sft")  # every SFT adapter merged in memory; TRL adds the fresh rl adapter on top
     model, tokenizer = load_stage_model(sft_dir, merge_all=True)
+    cfg = within_context(cfg, "max_prompt_length", model, ctx.log, reserve=cfg.max_new_tokens)
     renderer = ChatRenderer(tokenizer)
     # TRL stops a sampled reply at the model's eos ids: make that the end of the assistant's turn, as in chat
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)
