@@ -218,7 +218,8 @@ def writable_run_folder(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PipelineError(f"cannot make the run folder {run_dir}: {exc.strerror}; choose another output_dir") from None
+        raise PipelineError(f"cannot make the run folder {run_dir}: {exc.strerror}; choose another "
+                            "output_dir") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise PipelineError(f"cannot write in the run folder {run_dir}: permission denied; choose another output_dir")
 
