@@ -112,7 +112,7 @@ def _cmd_data_generate(args) -> int:
 def _cmd_data_check(args) -> int:
     from pipeline.data.readers import describe, missing_path_hint, path_kind, read_records
 
-    tokenizer = args.tokenizer if args.kind != "text" else None
+    tokenizer = args.tokenizer
     if tokenizer:  # a wrong --tokenizer is refused before a large file is read
         hint = missing_path_hint(tokenizer)
         if hint is not None:
@@ -122,12 +122,12 @@ def _cmd_data_check(args) -> int:
                                 "(e.g. runs/x/tokenizer) or a hub model id")
     result = read_records(args.file, args.kind, args.format, on_bad=args.on_bad)
     print(describe(result))
-    if tokenizer:
-        marked = render_marked(result.records[0], args.kind, tokenizer)
+    if tokenizer and result.kind != "text":
+        marked = render_marked(result.records[0], result.kind, tokenizer)
         print("\nfirst record as the model sees it; [[...]] is what the loss trains on, and ⟨...⟩ is one "
               "control token (text typed to look like one, e.g. <|end|> in a message, is shown bare: it stays text):")
         print(marked)
-    elif args.kind != "text":
+    elif result.kind != "text":
         print("\n(pass --tokenizer DIR, e.g. runs/quickstart/tokenizer, to see the tokens the loss covers)")
     return 0
 
@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "format, record counts, bad records by reason (with file and line), duplicates, "
                                   "and one example rendered with the trained tokens marked.")
     audit.add_argument("file", help="a .jsonl, .json, .parquet or .txt file, or a hub dataset id")
-    audit.add_argument("--kind", choices=["conversation", "preference", "text"], default="conversation",
-                       help="record kind the file should hold (default: conversation)")
+    audit.add_argument("--kind", choices=["auto", "conversation", "preference", "text"], default="auto",
+                       help="record kind the file should hold (default: auto, from the first record's fields: "
+                            "chosen/rejected = preference, messages/instruction/prompt = conversation, text = text)")
     audit.add_argument("--format", default="auto", help="format name; auto detects it from the first record")
     audit.add_argument("--on-bad", choices=["error", "drop"], default="drop",
                        help="stop at the first bad record, or count and list them (default: drop)")

@@ -278,6 +278,32 @@ def test_unrecognised_format_lists_fields(tmp_path):
     assert "\n" not in message
 
 
+def test_a_preference_pair_is_never_read_as_a_conversation(tmp_path):
+    """A tiny-world pair also holds prompt + answer, which would pass for prompt/answer conversations: an sft stage
+    pointed at the dpo file would train "question -> bare value". It is refused, saying what the file is for."""
+    pair = {"prompt": [user("What is Nozan's job?")], "chosen": [assistant("Nozan works as a smith.")],
+            "rejected": [assistant("Well... Nozan works as a smith.")], "answer": "smith"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    with pytest.raises(PipelineError, match=r'format not recognised for kind "conversation": the fields look like '
+                                            r"preference data \(format prompt_chosen_rejected\): a file for dpo"):
+        read_records(path, "conversation")
+    assert read_records(path, "preference").records[0]["chosen"] == [assistant("Nozan works as a smith.")]
+
+
+def test_kind_auto_takes_the_kind_the_first_record_suggests(tmp_path):
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b", "answer": "a"}
+    cases = {"pairs.jsonl": ([pair], "preference"), "chats.jsonl": ([{"messages": [user("q"), assistant("a")]}],
+                                                                     "conversation"),
+             "alpaca.jsonl": ([{"instruction": "q", "output": "a"}], "conversation"),
+             "docs.jsonl": ([{"text": "some words"}], "text")}
+    for name, (rows, kind) in cases.items():
+        assert read_records(write_jsonl(tmp_path / name, rows), "auto").kind == kind, name
+    (tmp_path / "plain.txt").write_text("one document")
+    assert read_records(tmp_path / "plain.txt", "auto").kind == "text"
+    with pytest.raises(PipelineError, match=r"the first record's fields \(foo\) are no known kind of record"):
+        read_records(write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1}]), "auto")
+
+
 def test_explicit_format_overrides_detection(tmp_path):
     # a record that has both "messages" and instruction/output: detection picks messages, fmt can pick alpaca
     rows = [{"messages": [user("m"), assistant("n")], "instruction": "i", "output": "o"}]

@@ -380,6 +380,8 @@ def detect(rec: dict, kind: str) -> str | None:
     if kind == "text":
         return "text" if ("text" in rec or "content" in rec) else None
     if kind == "conversation":
+        if "chosen" in rec and "rejected" in rec:  # a preference pair, whatever else it holds (a tiny-world
+            return None                            # pair's prompt + answer would pass for prompt/answer)
         if isinstance(rec.get("messages"), list):
             return "messages"
         conversations = rec.get("conversations")
@@ -402,6 +404,11 @@ def detect(rec: dict, kind: str) -> str | None:
             return "alpaca_preference"
         return "hh_rlhf"
     return None
+
+
+def detect_kind(rec: dict) -> str | None:
+    """The kind of record this one's fields suggest (a pair before a conversation before text), or None."""
+    return next((kind for kind in ("preference", "conversation", "text") if detect(rec, kind)), None)
 
 
 def _hint(rec: dict, kind: str) -> str:
@@ -427,8 +434,13 @@ def _hint(rec: dict, kind: str) -> str:
                 "flatten them to instruction/input/output first")
     for other in ("conversation", "preference", "text"):
         if other != kind and detect(rec, other):
-            return f'the fields look like {other} data (format {detect(rec, other)}): read it with kind "{other}"'
+            return f"the fields look like {other} data (format {detect(rec, other)}): {_FILE_FOR[other]}"
     return "no known format matches"
+
+
+_FILE_FOR = {"conversation": "a file for sft (`pipeline data check --kind conversation`)",
+             "preference": "a file for dpo, reward or rl (`pipeline data check --kind preference`)",
+             "text": "a file for the tokenizer and pretrain (`pipeline data check --kind text`)"}
 
 
 def unrecognised(rec: dict, kind: str, source: str) -> str:

@@ -38,7 +38,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.formats import FORMATS, BadRecord, detect, shown, type_name, unrecognised
+from pipeline.data.formats import FORMATS, BadRecord, detect, detect_kind, shown, type_name, unrecognised
 from pipeline.errors import PipelineError
 
 KINDS = tuple(FORMATS)
@@ -69,20 +69,21 @@ class ReadResult:
 def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: str = "error",
                  keep: tuple[str, ...] = ()) -> ReadResult:
     """Read `path` (file or hub id) as records of `kind`; `fmt` is "auto" or a format name from FORMATS[kind].
+    Kind "auto" (with format "auto") takes the kind the first record's fields suggest (`pipeline data check`).
 
     `keep` names top-level fields copied unchanged into each record when present (e.g. "answer" for scoring).
     """
     source = str(path)
-    if kind not in FORMATS:
-        raise PipelineError(f'unknown data kind "{kind}" (choose from {", ".join(KINDS)})')
+    if kind not in FORMATS and kind != "auto":
+        raise PipelineError(f'unknown data kind "{kind}" (choose from {", ".join(KINDS)}, or auto)')
     if on_bad not in ("error", "drop"):
         raise PipelineError(f'on_bad must be "error" or "drop", got "{on_bad}"')
-    known = ["auto", *FORMATS[kind]] + (["txt"] if kind == "text" else [])
+    known = ["auto", *FORMATS.get(kind, {})] + (["txt"] if kind == "text" else [])
     if fmt not in known:
         raise PipelineError(f'{source}: format "{fmt}" is not one for kind "{kind}" (choose from {", ".join(known)})')
 
     if _local_file(source).name.lower().endswith(".txt"):
-        return _read_txt(source, kind, fmt)
+        return _read_txt(source, "text" if kind == "auto" else kind, fmt)
     rows = _load_rows(source)
     if not rows:
         raise PipelineError(f"{source}: no records (the file is empty)")
@@ -92,6 +93,11 @@ def read_records(path: str | PathLike, kind: str, fmt: str = "auto", *, on_bad: 
         if first is None:  # every row is malformed or not an object: report the first
             bad = rows[0][1]
             raise PipelineError(bad.message if isinstance(bad, BadRecord) else _not_object(rows[0][0], bad))
+        if kind == "auto":
+            kind = detect_kind(first) or ""
+            if not kind:
+                raise PipelineError(f"{source}: the first record's fields ({', '.join(map(shown, first)) or 'none'}) "
+                                    f"are no known kind of record; name one ({', '.join(KINDS)})")
         fmt = detect(first, kind) or ""
         if not fmt:
             raise PipelineError(unrecognised(first, kind, source))
