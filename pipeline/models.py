@@ -107,6 +107,25 @@ def lora_config(args, task_type: str = "CAUSAL_LM", also_save: tuple[str, ...] =
     )
 
 
+def require_lora_targets(model, args, stage: str) -> None:
+    """Every name in the recipe's lora.target_modules and lora.modules_to_save names a module of this model, the
+    way peft matches it (the whole dotted name or its last parts): otherwise a one-line error with the nearest
+    name and the model's linear layers, before the stage evaluates or trains (peft would raise from deep inside
+    the trainer's set-up, after the held-out evaluation)."""
+    from pipeline.config_schema import closest
+
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    for field, targets in (("target_modules", [t for t in args.target_modules if t != "all-linear"]),
+                           ("modules_to_save", args.modules_to_save)):
+        for target in targets:
+            if not any(name == target or name.endswith("." + target) for name in names):
+                last_parts = {name.rsplit(".", 1)[-1] for name in names}
+                raise PipelineError(f"{stage}.lora.{field}: `{target}` names no module of this model"
+                                    f"{closest(target, last_parts)}; its linear layers: {', '.join(linear)}")
+
+
 def restore_adapter_dropout(model, p: float) -> int:
     """Set every LoRA adapter's input dropout back to the recipe's `lora.dropout`; the number of layers set.
 

@@ -136,6 +136,26 @@ def test_max_length_past_the_models_context_drops_longer_conversations(write_rec
     assert len(lines) == 1
 
 
+def test_lora_names_that_match_no_module_are_one_line_errors():
+    """As peft matches them: a whole dotted name or its last parts; a miss names the nearest and the linear layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import require_lora_targets
+    from pipeline.recipe import LoraArgs
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    for good in (LoraArgs(), LoraArgs(target_modules=["q_proj", "layers.0.mlp.down_proj"],
+                                      modules_to_save=["embed_tokens"])):
+        require_lora_targets(model, good, "sft")
+    with pytest.raises(PipelineError, match=r"^dpo.lora.target_modules: `q_prj` names no module of this model "
+                                            r"\(did you mean `q_proj`\?\); its linear layers: down_proj, gate_proj, "
+                                            r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj$"):
+        require_lora_targets(model, LoraArgs(target_modules=["q_prj"]), "dpo")
+    with pytest.raises(PipelineError, match=r"^sft.lora.modules_to_save: `embed_token` names no module"):
+        require_lora_targets(model, LoraArgs(modules_to_save=["embed_token"]), "sft")
+
+
 def test_bad_record_names_file_line_and_field(write_recipe, tiny_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -37,6 +37,7 @@ from pipeline.models import (
     frozen_copy,
     load_stage_model,
     lora_config,
+    require_lora_targets,
     restore_adapter_dropout,
     save_aligned_policy,
     train_only_lm_head,
@@ -156,6 +157,8 @@ def run(cfg: DpoConfig, ctx) -> dict:
     model, tokenizer = load_stage_model(sft_dir, merge_all=True)
     cfg = within_context(cfg, "max_length", model, ctx.log)
     reference = None  # lora: the policy with its adapter disabled
+    if cfg.trainable == "lora":
+        require_lora_targets(model, cfg.lora, "dpo")
     if cfg.trainable == "lm_head":
         reference = frozen_copy(model)
         train_only_lm_head(model)

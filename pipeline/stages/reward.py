@@ -25,7 +25,14 @@ from pipeline.distributed import require_ranks_agree
 from pipeline.evaluation import read_scored_questions
 from pipeline.generation import within_context
 from pipeline.lineage import write_lineage
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, restore_adapter_dropout
+from pipeline.models import (
+    count_parameters,
+    lineage_of,
+    load_stage_model,
+    lora_config,
+    require_lora_targets,
+    restore_adapter_dropout,
+)
 from pipeline.recipe import RewardConfig, ceiling_note, split_batch
 from pipeline.rewards import (
     HEAD,
@@ -99,6 +106,7 @@ def run(cfg: RewardConfig, ctx) -> dict:
 
     # model and data
     model, causal, tokenizer, sft_dir = load_sft_reward_model(ctx)
+    require_lora_targets(model, cfg.lora, "reward")
     cfg = within_context(cfg, "max_length", causal, ctx.log)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),

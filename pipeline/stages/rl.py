@@ -56,6 +56,7 @@ from pipeline.models import (
     frozen_copy,
     load_stage_model,
     lora_config,
+    require_lora_targets,
     save_aligned_policy,
     train_only_lm_head,
 )
@@ -215,6 +216,8 @@ def run(cfg: RlConfig, ctx) -> dict:
     # TRL stops a sampled reply at the model's eos ids: make that the end of the assistant's turn, as in chat
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)
     reference = None  # lora: the policy with its adapter disabled
+    if cfg.trainable == "lora":
+        require_lora_targets(model, cfg.lora, "rl")
     if cfg.trainable == "lm_head":
         reference = frozen_copy(model)
         train_only_lm_head(model)

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
 from pipeline.generation import stop_token_ids, within_context
 from pipeline.lineage import write_lineage
-from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config
+from pipeline.models import count_parameters, lineage_of, load_stage_model, lora_config, require_lora_targets
 from pipeline.recipe import SftConfig, ceiling_note, split_batch
 from pipeline.trainer_args import (
     ChecksumOnSave,
@@ -168,6 +168,7 @@ def run(cfg: SftConfig, ctx) -> dict:
 
     # model and data
     model, tokenizer, parent = load_model_and_tokenizer(ctx, cfg, device_type)
+    require_lora_targets(model, cfg.lora, "sft")
     cfg = within_context(cfg, "max_length", model, ctx.log)
     renderer = ChatRenderer(tokenizer)
     train_set, data = cached_rows(accelerator, ctx.out_dir / "cache" / "train", tokenizer_key(tokenizer),
