@@ -112,6 +112,18 @@ def test_rebuilt_policy_equals_in_memory_policy_and_reference_is_sft(dpo_run):
     assert (rebuilt - reference).abs().max() > 1e-4  # and DPO did move the policy
 
 
+def test_pairs_all_longer_than_max_length_say_so(tiny_world, tiny_tokenizer):
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.data.pairs import training_pair_rows
+    from pipeline.recipe import DpoConfig
+
+    cfg = DpoConfig(train_data=[str(tiny_world / "dpo_train.jsonl")], max_length=5)
+    pairs = len((tiny_world / "dpo_train.jsonl").read_text().splitlines())
+    with pytest.raises(PipelineError, match=rf"^dpo: every one of the {pairs:,} pairs is longer than dpo.max_length "
+                                            r"\(5 tokens\); raise it$"):
+        training_pair_rows(cfg, ChatRenderer(tiny_tokenizer), 0, "dpo")
+
+
 def test_zero_beta_is_refused_before_training(tiny_world, tmp_path):
     """beta = 0 would leave the margin at 0 and the loss at ln 2 for ever (the stage's stuck check
     would stop it at run time); the recipe refuses it before anything runs."""

@@ -42,6 +42,9 @@ def training_pair_rows(cfg, renderer: ChatRenderer, seed: int, stage: str) -> tu
     started = time.perf_counter()
     pairs, report, _ = split_pairs(cfg, seed)
     rows, too_long = tokenize_pairs(pairs, renderer, cfg.max_length)
+    if pairs and too_long == len(pairs):
+        raise PipelineError(f"{stage}: every one of the {len(pairs):,} pairs is longer than {stage}.max_length "
+                            f"({cfg.max_length} tokens); raise it")
     if not rows:
         raise PipelineError(f"{stage}: no usable pairs ({report}, too long: {too_long})")
     return rows, {"report": report, "too_long": too_long, "tokenize_s": time.perf_counter() - started}
