@@ -156,6 +156,18 @@ def test_lora_names_that_match_no_module_are_one_line_errors():
         require_lora_targets(model, LoraArgs(modules_to_save=["embed_token"]), "sft")
 
 
+def test_conversations_all_longer_than_max_length_say_so(tiny_world, tiny_tokenizer):
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.recipe import SftConfig
+    from pipeline.stages.sft import prepare_rows
+
+    cfg = SftConfig(train_data=[str(tiny_world / "sft_train.jsonl")], max_length=5)
+    count = len((tiny_world / "sft_train.jsonl").read_text().splitlines())
+    with pytest.raises(PipelineError, match=rf"^sft: every one of the {count:,} conversations is longer than "
+                                            r"sft.max_length \(5 tokens\); raise it, or set sft.too_long: truncate$"):
+        prepare_rows(cfg, ChatRenderer(tiny_tokenizer), 0)
+
+
 def test_bad_record_names_file_line_and_field(write_recipe, tiny_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -91,6 +91,9 @@ def prepare_rows(cfg: SftConfig, renderer: ChatRenderer, seed: int) -> tuple[lis
     started = time.perf_counter()
     records, report, _ = split_conversations(cfg, seed)
     rows, counts = tokenize_conversations(records, renderer, cfg)
+    if records and counts["too_long_dropped"] == len(records):
+        raise PipelineError(f"sft: every one of the {len(records):,} conversations is longer than sft.max_length "
+                            f"({cfg.max_length} tokens); raise it, or set sft.too_long: truncate")
     if not rows:
         raise PipelineError(f"sft: no trainable conversations left ({counts})")
     return rows, {
