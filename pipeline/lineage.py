@@ -96,7 +96,12 @@ def _record(path: Path):
 
 
 def require_current(stage_dir: Path) -> None:
-    """Refuse to load a stage whose upstream stages were rerun after it trained."""
+    """Refuse to load a stage that did not finish (its folder holds no model, or half of one), or whose upstream
+    stages were rerun after it trained."""
+    record = _record(stage_dir / "stage.json")
+    if isinstance(record, dict) and record.get("status") != "done":
+        raise PipelineError(f"{stage_dir}: stage {record.get('stage', stage_dir.name)} did not finish (status "
+                            f"{record.get('status')}); finish it first: pipeline run RECIPE")
     reason = stale_upstream(stage_dir)
     if reason:
         stage = stage_dir.name

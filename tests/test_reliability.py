@@ -74,6 +74,22 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale_until_rerun(sft_run):
         load_stage_model(run_dir / "sft")
 
 
+def test_a_stage_that_did_not_finish_is_refused_by_name(tmp_path):
+    """A stage that failed leaves stage.json and no model: chat, score, serve, eval and export say it did not finish
+    (before, "neither a model folder nor an adapter stage")."""
+    from pipeline.models import load_stage_model
+    from pipeline.rewards import load_reward_model
+
+    for status in ("failed", "running", "interrupted"):
+        stage = tmp_path / status / "dpo"
+        stage.mkdir(parents=True)
+        (stage / "stage.json").write_text(json.dumps({"stage": "dpo", "status": status}))
+        for load in (load_stage_model, load_reward_model):
+            with pytest.raises(PipelineError, match=rf"dpo: stage dpo did not finish \(status {status}\); finish it "
+                                                    r"first: pipeline run RECIPE$"):
+                load(stage)
+
+
 def test_only_a_stage_whose_earlier_stage_is_stale_is_refused_before_its_folder_is_touched(sft_run):
     path, run_dir, _ = sft_run
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "sft").rglob("*") if p.is_file()}
