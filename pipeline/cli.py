@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import sys
 
 from pipeline.errors import Interrupted, PipelineError, StageFailed
@@ -165,8 +166,8 @@ def _cmd_chat(args) -> int:
     from pipeline.warnings_filter import quiet_known_noise
 
     quiet_known_noise()
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy or args.temperature == 0,
+                        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return run_chat([args.path, *([args.compare] if args.compare else [])], sampling, args.system)
 
 
@@ -230,6 +231,24 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _number(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` (int or float) from `low` (excluded where low_open) up to `high`."""
+    bounds = f"{'over' if low_open else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (low_open and value == low) or \
+                (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} {bounds}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
@@ -278,12 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("path", help="a stage folder, e.g. runs/quickstart/dpo")
     chat.add_argument("--compare", metavar="PATH", help="a second model answering the same messages, side by side")
     chat.add_argument("--system", help="system message for the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
+    chat.add_argument("--max-new-tokens", type=_number(int, 1), default=128, help="reply length limit (default 128)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    chat.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    chat.add_argument("--temperature", type=_number(float, 0), default=0.7,
+                      help="sampling temperature (default 0.7; 0 = greedy, as in the server's API)")
+    chat.add_argument("--top-k", type=_number(int, 0), default=0, help="sample among the k most likely tokens (0 = all)")
+    chat.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
+                      help="nucleus sampling mass, in (0, 1] (default 1.0 = off)")
+    chat.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="sampling seed (default 0)")
     chat.set_defaults(func=_cmd_chat)
 
     serve = verbs.add_parser("serve", help="a run's stages behind an OpenAI-compatible API, and a page comparing two",

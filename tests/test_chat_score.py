@@ -75,6 +75,25 @@ def test_chat_leaves_out_the_oldest_exchanges_and_refuses_a_message_longer_than_
     assert session.history == kept  # a refused message loses nothing
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--max-new-tokens", "0", "expected a whole number at least 1, got '0'"),
+    ("--temperature", "-1", "expected a number at least 0, got '-1'"),
+    ("--temperature", "inf", "expected a number at least 0, got 'inf'"),
+    ("--top-p", "0", "expected a number over 0 and at most 1, got '0'"),
+    ("--top-p", "1.5", "expected a number over 0 and at most 1, got '1.5'"),
+    ("--top-k", "-3", "expected a whole number at least 0, got '-3'"),
+    ("--seed", "x", "expected a whole number at least 0 and at most 4294967295, got 'x'"),
+])
+def test_chat_sampling_options_out_of_range_are_usage_errors(option, value, expected, capsys):
+    """generate() raised a ValueError traceback for each of these."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "runs/any/dpo", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {expected}" in capsys.readouterr().err
+
+
 def test_score_refuses_text_longer_than_the_context(dpo_model):
     _, model, tokenizer = dpo_model
     with pytest.raises(PipelineError, match=r"text 2 is \d+ tokens, but this model's context is 128"):
