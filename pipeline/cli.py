@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
     chat.add_argument("--temperature", type=_number(float, 0), default=0.7,
                       help="sampling temperature (default 0.7; 0 = greedy, as in the server's API)")
-    chat.add_argument("--top-k", type=_number(int, 0), default=0, help="sample among the k most likely tokens (0 = all)")
+    chat.add_argument("--top-k", type=_number(int, 0), default=0,
+                      help="sample among the k most likely tokens (0 = all)")
     chat.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
                       help="nucleus sampling mass, in (0, 1] (default 1.0 = off)")
     chat.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="sampling seed (default 0)")
