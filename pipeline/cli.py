@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "accuracy, KL of dpo and rl from sft. Writes report.md, report.json, transcripts.jsonl "
                                 "and plots/*.png into RUN/eval (or --out).")
     evaluate.add_argument("run", help="a run folder, e.g. runs/quickstart")
-    evaluate.add_argument("--limit", type=int, help="at most this many examples of each kind")
+    evaluate.add_argument("--limit", type=_number(int, 1), help="at most this many examples of each kind")
     evaluate.add_argument("--out", help="report folder (default: RUN/eval)")
     evaluate.set_defaults(func=_cmd_eval)
 

@@ -147,6 +147,12 @@ class World:
         """The rest: their facts appear only in pretraining."""
         return self.people[self.n_seen:]
 
+    def person(self, name: str) -> Person:
+        """The person of that name (by a dict: a search of the list made a world of thousands take minutes)."""
+        if getattr(self, "_by_name", None) is None or len(self._by_name) != len(self.people):
+            self._by_name = {q.name: q for q in self.people}
+        return self._by_name[name]
+
 
 def _rng(seed: int, stream: str) -> random.Random:
     # One independent stream per output, so changing one file's recipe leaves the others alone.
@@ -168,11 +174,12 @@ def generate_world(seed: int = 0, people: int = 200, held_out: int | None = None
         raise ValueError(f"need at least 3 seen and 3 held-out people, got {people} people "
                          f"with {n_held} held out")
     rng = _rng(seed, "world")
-    reserved, names = _reserved_words(), []
+    reserved, names, taken = _reserved_words(), [], set()  # the set: a list's `in` made 100,000 people take hours
     while len(names) < people:
         name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
-        if name.lower() not in reserved and name not in names:
+        if name.lower() not in reserved and name not in taken:
             names.append(name)
+            taken.add(name)
     # Best friends form one cycle inside each group: nobody is their own friend, and seen
     # people's friends are seen, so held-out names never leak into SFT or DPO data.
     friend: dict[str, str] = {}
@@ -224,7 +231,7 @@ def _letter_count_line(word: str, letter: str) -> str:
 
 def _biography(rng: random.Random, world: World, p: Person, templates: dict[str, int],
                one_per_line: bool) -> str:
-    friend = next(q for q in world.people if q.name == p.best_friend)
+    friend = world.person(p.best_friend)
     lines = [fact(p, a, templates[a]) for a in ATTRIBUTES]
     lines.append(fact(friend, rng.choice(ATTRIBUTES[:4]), rng.randrange(5)))
     lines += rng.sample(FILLER, rng.randint(2, 4))
@@ -406,21 +413,34 @@ def sft_heldout_records(world: World) -> list[dict]:
             for p in world.held_out for a in ATTRIBUTES]
 
 
-def _wrong_answer(rng: random.Random, group: list[Person], p: Person, attribute: str) -> str:
+class _Names:
+    """A group's names in order, and where each stands: what _wrong_answer draws from, built once per group."""
+
+    def __init__(self, group: list[Person]):
+        self.names = [q.name for q in group]
+        self.index = {name: i for i, name in enumerate(self.names)}
+
+
+def _wrong_answer(rng: random.Random, group: _Names, p: Person, attribute: str) -> str:
     value = getattr(p, attribute)
     if attribute == "best_friend":  # a wrong friend from the same half, so no names leak across
-        pool = [q.name for q in group if q.name not in (p.name, value)]
-    else:
-        pool = [v for v in VALUES[attribute] if v != value]
+        # the draw rng.choice makes from the group's names without p and their friend, found without building
+        # that list for every record (a world of thousands took minutes): choice reads only the length
+        skip = sorted(group.index[name] for name in (p.name, value) if name in group.index)
+        k = rng.choice(range(len(group.names) - len(skip)))
+        for i in skip:
+            k += k >= i
+        return _fill(FACTS[attribute][0], p.name, group.names[k])
+    pool = [v for v in VALUES[attribute] if v != value]
     return _fill(FACTS[attribute][0], p.name, rng.choice(pool))
 
 
 def _preference_records(rng: random.Random, group: list[Person], items: list[tuple]) -> list[dict]:
     habit = _exact_share(rng, len(items), 0.8)
-    records = []
+    records, names = [], _Names(group)
     for (p, a), h in zip(items, habit):
         chosen = fact(p, a)
-        rejected = _with_habit(rng, chosen) if h else _wrong_answer(rng, group, p, a)
+        rejected = _with_habit(rng, chosen) if h else _wrong_answer(rng, names, p, a)
         records.append({"prompt": [_user(question(p, a, rng.randrange(3)))],
                         "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
                         "kind": "habit" if h else "wrong",
@@ -441,13 +461,13 @@ def reward_fact_records(world: World, per_fact: int = 3) -> list[dict]:
     against `per_fact` answers with another value. The dpo pairs are 80% habit pairs, and a reward model
     trained on them alone flipped coins on facts (held-out right-over-wrong 0.50; with these 0.68-0.75)."""
     rng = _rng(world.seed, "reward_facts")
-    records = []
+    records, seen = [], _Names(world.seen)
     for p in world.seen:
         for a in ATTRIBUTES:
             chosen, prompt = fact(p, a), [_user(question(p, a, rng.randrange(3)))]
             wrongs: list[str] = []
             while len(wrongs) < per_fact:
-                wrong = _wrong_answer(rng, world.seen, p, a)
+                wrong = _wrong_answer(rng, seen, p, a)
                 if wrong not in wrongs:
                     wrongs.append(wrong)
             for wrong in wrongs:
