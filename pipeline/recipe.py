@@ -673,7 +673,9 @@ def read_yaml(path: str | Path) -> dict:
     """The recipe file as a dict, with YAML syntax errors (and keys given twice) reported by line."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"recipe not found: {path}")
+        nearby = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+        near = closest(path.name, nearby)
+        raise PipelineError(f"recipe not found: {path}" + (near.replace("`", f"`{path.parent}/", 1) if near else ""))
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -795,5 +797,8 @@ def check_base(cfg: BaseModelConfig, source) -> str:
 
 
 def stage_help(stage: str) -> str:
-    """A hint for an unknown stage name in --only / --from."""
+    """A hint for a stage name in --only / --from that the recipe lacks: how to add it, or the nearest name."""
+    if stage in STAGE_ORDER:
+        return (f"; add the section `{stage}:` to the recipe to run it (`pipeline check RECIPE --explain` lists "
+                "its keys)")
     return closest(stage, STAGE_ORDER)

@@ -105,6 +105,21 @@ def test_a_full_disk_or_refused_write_is_a_one_line_error(monkeypatch, capsys):
         cli.main(["check", "any.yaml"])
 
 
+def test_a_missing_recipe_or_stage_says_what_was_meant(write_recipe, tmp_path):
+    from pipeline.run import run_recipe
+
+    (tmp_path / "quickstart.yaml").write_text("name: q\n")
+    with pytest.raises(PipelineError, match=rf"^recipe not found: {tmp_path}/quickstar.yaml \(did you mean "
+                                            rf"`{tmp_path}/quickstart.yaml`\?\)$"):
+        load_recipe(tmp_path / "quickstar.yaml")
+    recipe = load_recipe(write_recipe())
+    with pytest.raises(PipelineError, match=r"stage `rl` is not in this recipe \(its stages: tokenizer, pretrain\); "
+                                            r"add the section `rl:` to the recipe to run it"):
+        run_recipe(recipe, from_stage="rl")
+    with pytest.raises(PipelineError, match=r"stage `pretrian` is not in this recipe .* \(did you mean `pretrain`\?\)"):
+        run_recipe(recipe, only="pretrian")
+
+
 def _cli(args, env, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120)
