@@ -55,7 +55,11 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
     if adapter_only and not adapters:
         raise PipelineError(f"{stage_dir}: stage {record['stage']} is a full model with no adapter; "
                             "export it without --adapter-only")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, a read-only mount
+        raise PipelineError(f"cannot make the folder {out.parent} for the export: {exc.strerror} ({exc.filename}); "
+                            "give OUT inside a folder you can write") from None
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

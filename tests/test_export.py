@@ -190,6 +190,9 @@ def test_bad_inputs_are_one_line_errors(dpo_run, tmp_path, capsys):
     assert "stage sft is not finished (status failed)" in one_line_error(capsys, fake / "sft", out)
     assert "stage dpo holds no model (no config.json" in one_line_error(capsys, fake / "dpo", out)
 
+    (tmp_path / "a_file").write_text("x")
+    assert "cannot make the folder" in one_line_error(capsys, run_dir / "dpo", tmp_path / "a_file" / "sub" / "out")
+
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert "already exists and is not empty" in one_line_error(capsys, run_dir / "dpo", out)
