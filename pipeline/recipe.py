@@ -709,6 +709,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _run_from_hint(file: str, source: str | Path) -> str:
+    """Where a relative data path would be found: beside the recipe or in the folder above it (a repository root),
+    for a user who ran the recipe from another directory."""
+    if Path(file).is_absolute():
+        return ""
+    recipe_dir = Path(source).resolve().parent
+    for folder in (recipe_dir, recipe_dir.parent):
+        if (folder / file).exists():
+            return (f" (data paths are relative to the directory you run from, {Path.cwd()}; it is in {folder}: run "
+                    f"from there)")
+    return ""
+
+
 def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
     """Every data file a stage names must exist, and so must a chat template given as a path. Hub dataset ids
     are left to the loader, but a missing path under a local folder (data/sft_trian) is not taken for one."""
@@ -718,7 +731,8 @@ def check_data_files(recipe: Recipe, source: str | Path = "recipe") -> None:
         for file in files:
             hint = missing_path_hint(file)
             if hint is not None:
-                raise PipelineError(f"{source}: {stage}: data file not found: {printable(file)}{hint}")
+                raise PipelineError(f"{source}: {stage}: data file not found: {printable(file)}"
+                                    f"{_run_from_hint(file, source) or hint}")
     for key, template in (("tokenizer.chat_template", recipe.tokenizer and recipe.tokenizer.chat_template),
                           ("base.chat_template", recipe.base and recipe.base.chat_template)):
         problem = template and chat_template_problem(template)

@@ -120,6 +120,22 @@ def test_a_missing_recipe_or_stage_says_what_was_meant(write_recipe, tmp_path):
         run_recipe(recipe, only="pretrian")
 
 
+def test_data_found_only_beside_the_recipe_says_where_to_run_from(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text("name: r\ntokenizer: {corpus: [data/corpus.jsonl]}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(PipelineError, match=rf"data file not found: data/corpus.jsonl \(data paths are relative to "
+                                            rf"the directory you run from, {tmp_path}/elsewhere; it is in {tmp_path}: "
+                                            r"run from there\)$"):
+        check_data_files(load_recipe(path), path)
+    monkeypatch.chdir(tmp_path)
+    check_data_files(load_recipe(path), path)
+
+
 def _cli(args, env, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120)
