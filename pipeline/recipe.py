@@ -628,7 +628,7 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name  # `~/runs` is the home's, not a folder named ~
 
     def data_files(self) -> dict[str, list[str]]:
         """Data files each stage reads (every field declared with `data`), for `check` and fingerprints."""

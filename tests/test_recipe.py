@@ -27,6 +27,11 @@ def test_every_recipe_validates(path, monkeypatch):
     assert recipe.stages
 
 
+def test_an_output_dir_under_home_is_the_homes(write_recipe, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_recipe(write_recipe(), ["output_dir=~/runs"]).run_dir == tmp_path / "runs" / "tiny"
+
+
 def test_overrides_take_precedence_and_are_typed(write_recipe):
     recipe = load_recipe(write_recipe(), ["pretrain.max_steps=50", "pretrain.learning_rate=1e-4",
                                           "pretrain.model.num_layers=3"])
