@@ -228,8 +228,8 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
                force: bool = False) -> dict[str, dict]:
     """Run (or skip) every stage; return each visited stage's stage.json record.
 
-    Everything that can be checked is checked before the run folder is touched: data files (each read as its
-    stage will read it), stage names, the batch split, the folder's owner.
+    Everything that can be checked is checked before anything is written in the run folder: data files (each
+    read as its stage will read it), stage names, that the folder can be made and written, its owner.
     """
     from accelerate import Accelerator  # heavy import kept out of `check` and `--help`
 
