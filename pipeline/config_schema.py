@@ -297,6 +297,12 @@ def data_fields(obj, prefix: str = "") -> list[tuple[str, list[str], tuple[str, 
     return found
 
 
+def reads(section, name: str) -> tuple[str, str, str]:
+    """(kind, format, on_bad) of one data field of a built section: what its stage reads it with, as declared."""
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    return field.metadata["data"].resolve(section)
+
+
 def data_paths(obj) -> list[str]:
     """Every data file named in a built config (the fields declared with `data`), nested sections included."""
     return [file for _, files, _ in data_fields(obj) for file in files]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pipeline.chat_template import ChatRenderer
+from pipeline.config_schema import reads
 from pipeline.data.readers import read_records
 from pipeline.data.split import split_held_out
 from pipeline.errors import PipelineError
@@ -28,9 +29,10 @@ def split_pairs(cfg, seed: int, keep: tuple[str, ...] = ()) -> tuple[list[dict],
 
     `cfg` is a stage section that reads pairs (dpo, reward, rl): train_data, format, bad_pairs, eval_data, eval_split.
     """
-    pairs, report = load_pairs(cfg.train_data, cfg.format, cfg.bad_pairs, keep)
+    # format and bad-record policy as the fields declare them (recipe.py), so `check` reads them the same way
+    pairs, report = load_pairs(cfg.train_data, *reads(cfg, "train_data")[1:], keep)
     if cfg.eval_data:
-        return pairs, report, load_pairs(cfg.eval_data, "auto", "drop", keep)[0]
+        return pairs, report, load_pairs(cfg.eval_data, *reads(cfg, "eval_data")[1:], keep)[0]
     train, held = split_held_out(pairs, cfg.eval_split, seed)
     report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "pairs": len(held)}
     return train, report, held

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.chat_template import ChatRenderer
+from pipeline.config_schema import reads
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.data.split import split_held_out
@@ -78,9 +79,10 @@ def tokenize_conversations(records: list[dict], renderer: ChatRenderer, cfg: Sft
 
 def split_conversations(cfg: SftConfig, seed: int) -> tuple[list[dict], dict, list[dict]]:
     """(training records, read report, held-out records): eval_data, or eval_split of train_data."""
-    records, report = load_conversations(cfg.train_data, cfg.format, cfg.on_bad_record, keep=SCORED_FIELDS)
+    # format and bad-record policy as the fields declare them (recipe.py), so `check` reads them the same way
+    records, report = load_conversations(cfg.train_data, *reads(cfg, "train_data")[1:], keep=SCORED_FIELDS)
     if cfg.eval_data:
-        return records, report, load_conversations(cfg.eval_data, "auto", "error", keep=SCORED_FIELDS)[0]
+        return records, report, load_conversations(cfg.eval_data, *reads(cfg, "eval_data")[1:], keep=SCORED_FIELDS)[0]
     train, held = split_held_out(records, cfg.eval_split, seed)
     report["held_out"] = {"fraction": cfg.eval_split, "seed": seed, "records": len(held)}
     return train, report, held
