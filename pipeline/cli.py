@@ -186,6 +186,7 @@ def _cmd_eval(args) -> int:
 
     from pipeline.config_schema import build
     from pipeline.recipe import EvalConfig, Recipe, read_yaml
+    from pipeline.run_lock import run_folder_lock
     from pipeline.stages.eval import evaluate_run
     from pipeline.warnings_filter import quiet_known_noise
 
@@ -198,7 +199,8 @@ def _cmd_eval(args) -> int:
     if args.limit:
         cfg.limit = args.limit
     out = Path(args.out) if args.out else run_dir / "eval"
-    evaluate_run(run_dir, cfg, recipe, out)
+    with run_folder_lock(run_dir):  # not while a `pipeline run` rewrites the stages it reads
+        evaluate_run(run_dir, cfg, recipe, out)
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -29,6 +29,7 @@ from pipeline.artifacts import atomic_write_json, atomic_write_text, content_has
 from pipeline.cpu_allocator import keep_freed_memory
 from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
 from pipeline.recipe import Recipe, check_data_files, read_data_files, stage_help
+from pipeline.run_lock import run_folder_lock
 
 STAGE_MODULES = {
     "tokenizer": "pipeline.stages.tokenizer",
@@ -241,6 +242,13 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     claim_run_folder(recipe, force)
     enable_cpu_data_parallel()
     accelerator = Accelerator()
+    with run_folder_lock(recipe.run_dir, accelerator):  # before the first write: a second command is refused
+        return _visit_stages(recipe, accelerator, stages, forced, only)
+
+
+def _visit_stages(recipe: Recipe, accelerator, stages: list[str], forced: set[str], only: str | None
+                  ) -> dict[str, dict]:
+    """run_recipe's loop, once the folder is this command's: each stage skipped when current, else run."""
     recipe.batch_splits(accelerator.num_processes)
     threads = use_cpu_cores(accelerator)
     kept_heap = accelerator.device.type == "cpu" and keep_freed_memory()  # no page faults on big tensors

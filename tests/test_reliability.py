@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,28 @@ def test_another_recipe_with_the_same_name_is_refused_and_nothing_is_touched(wri
     records = run_recipe(load_recipe(other), force=True)  # taken over on request
     assert records["pretrain"]["metrics"]["steps"] == 5
     assert read_json(run_dir / "run.json")["recipe_file"] == str(other.resolve())
+
+
+def test_a_folder_in_use_by_another_command_is_refused_and_a_killed_holder_leaves_it_free(write_recipe, cli_env):
+    path = write_recipe("busy", {"pretrain.max_steps": 3, "pretrain.checkpoint_every": 100})
+    run_dir = load_recipe(path).run_dir
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from pipeline.run_lock import try_lock; fd, taken = try_lock(Path(sys.argv[1])); "
+                               "print('held' if fd else taken, flush=True); time.sleep(120)", str(run_dir)],
+                              env=cli_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path)], env=cli_env,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert re.search(rf"{run_dir} is in use by another pipeline command \(pid {holder.pid} on .* since .*: "
+                         rf"pipeline .*\); wait for it", refused.stderr), refused.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait(timeout=30)
+    assert run_recipe(load_recipe(path))["pretrain"]["status"] == "done"
 
 
 # ---------------------------------------------------------------- stale stages are refused
