@@ -257,6 +257,19 @@ def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None)
 # ---------------------------------------------------------------- a stage's model
 
 
+def not_a_model_folder(path: Path) -> str:
+    """Why `path` holds no model, said as the user can act on it: it does not exist, it is a run folder
+    (name its model stages), or it is some other folder."""
+    if not path.exists():
+        return f"{path}: no such folder"
+    if (path / "run.json").is_file() or (path / "recipe.yaml").is_file():
+        stages = sorted(p.name for p in path.iterdir() if lineage_head(p) == "causal-lm"
+                        and ((p / "lineage.json").is_file() or (p / "config.json").is_file()))
+        named = ", ".join(str(path / name) for name in stages) or "none finished yet"
+        return f"{path} is a run folder; give one of its model stages ({named})"
+    return f"{path}: neither a model folder (config.json) nor an adapter stage (lineage.json)"
+
+
 def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, quantization=None,
                      merge_all: bool = False):
     """A stage's model and tokenizer: a full model folder, or base + chain of adapters (lineage.json).
@@ -276,7 +289,7 @@ def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, qu
         raise PipelineError(f"{stage_dir} holds a reward model (a score head, not a language model): it scores "
                             f"replies and cannot generate; load it with pipeline.rewards.load_reward_model")
     if not (stage_dir / "lineage.json").is_file() and not (stage_dir / "config.json").is_file():
-        raise PipelineError(f"{stage_dir}: neither a model folder (config.json) nor an adapter stage (lineage.json)")
+        raise PipelineError(not_a_model_folder(stage_dir))
     base, adapters, options = read_lineage(stage_dir) if (stage_dir / "lineage.json").is_file() \
         else (str(stage_dir), [], {})
     model = load_chain(stage_dir, base, adapters, options, dtype, quantization, merge_all)

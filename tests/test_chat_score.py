@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,17 @@ def test_chat_sampling_options_out_of_range_are_usage_errors(option, value, expe
         main(["chat", "runs/any/dpo", option, value])
     assert exit_info.value.code == 2
     assert f"argument {option}: {expected}" in capsys.readouterr().err
+
+
+def test_a_run_folder_or_a_missing_path_given_for_a_model_says_which(dpo_run, tmp_path):
+    """Both said "neither a model folder (config.json) nor an adapter stage (lineage.json)"."""
+    run_dir, _ = dpo_run
+    stages = ", ".join(str(run_dir / name) for name in ("dpo", "pretrain", "sft"))  # not tokenizer, not eval
+    with pytest.raises(PipelineError, match=re.escape(f"{run_dir} is a run folder; give one of its model stages "
+                                                      f"({stages})")):
+        load_stage_model(run_dir)
+    with pytest.raises(PipelineError, match=re.escape(f"{tmp_path / 'nope'}: no such folder")):
+        load_stage_model(tmp_path / "nope")
 
 
 def test_score_refuses_text_longer_than_the_context(dpo_model):
