@@ -480,3 +480,21 @@ def test_real_sft_stop_on_first_bad_record():
     with pytest.raises(PipelineError, match=r'glaive_toolcall_en_demo\.json index 0: field "conversations\[3\]\.from": '
                                             r'unsupported role "function_call"'):
         read_records(DATA / "sft" / "llamafactory_glaive_toolcall_en_demo.json", "conversation")
+
+
+def test_gzip_without_gz_utf16_and_empty_lists_are_named(tmp_path):
+    """These said "not UTF-8 text (invalid byte at offset 1)", "... offset 0" and "the file is empty"."""
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    cases = {
+        "packed.jsonl": (gzip.compress(line.encode()), "gzip-compressed, but its name does not end in .gz; "
+                                                       "rename it packed.jsonl.gz"),
+        "wide.jsonl": (line.encode("utf-16"), "UTF-16 text; convert it to UTF-8: iconv -f UTF-16 -t UTF-8 wide.jsonl"),
+        "array.json": (b"[]", "no records (an empty JSON array)"),
+        "object.json": (b'{"data": []}', "no records (its list field data is empty)"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(PipelineError, match=re.escape(f"{tmp_path / name}: {message}")):
+            read_records(tmp_path / name, "conversation")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\r\n")  # a BOM and CRLF are fine
+    assert len(read_records(tmp_path / "bom.jsonl", "conversation").records) == 1

@@ -254,6 +254,12 @@ def _read_text(path: Path, source: str) -> str:
         data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
     except (OSError, EOFError, ValueError, zlib.error) as e:  # a bad header (OSError), a torn or corrupt stream
         raise PipelineError(f"{source}: cannot read: {_one_line(e)}") from None
+    # two common mix-ups, named by their first bytes rather than as an invalid byte at offset 0 or 1
+    if data[:2] == b"\x1f\x8b":
+        raise PipelineError(f"{source}: gzip-compressed, but its name does not end in .gz; rename it "
+                            f"{path.name}.gz (or decompress it)")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise PipelineError(f"{source}: UTF-16 text; convert it to UTF-8: iconv -f UTF-16 -t UTF-8 {path.name} > NEW")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -299,9 +305,13 @@ def _json_rows(text: str, source: str) -> list[Row]:
                 f"{source}: expected a JSON array of records, or an object with one list field; "
                 f"got an object with {len(lists)} list fields (fields: {', '.join(map(shown, data)) or 'none'})"
             )
+        if not data[lists[0]]:
+            raise PipelineError(f"{source}: no records (its list field {shown(lists[0])} is empty)")
         return [(f'{source} "{lists[0]}" index {i}', value) for i, value in enumerate(data[lists[0]])]
     if not isinstance(data, list):
         raise PipelineError(f"{source}: expected a JSON array of records, got {type_name(data)}")
+    if not data:
+        raise PipelineError(f"{source}: no records (an empty JSON array)")
     return [(f"{source} index {i}", value) for i, value in enumerate(data)]
 
 
