@@ -270,6 +270,20 @@ def test_a_port_in_use_or_out_of_range_is_a_one_line_error(dpo_run, cli_env):
     free.close()
 
 
+def test_serving_to_other_machines_without_a_key_warns(dpo_run, monkeypatch, capsys):
+    import uvicorn
+
+    from pipeline.serve.app import serve
+
+    run_dir, _ = dpo_run
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: sockets[0].close())  # bind, do not serve
+    warning = "warning: --host 0.0.0.0 takes requests from other machines and no --api-key"
+    for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "s3cret", False), ("127.0.0.1", None, False),
+                              ("localhost", None, False)):
+        assert serve(run_dir, host=host, port=0, api_key=key) == 0
+        assert (warning in capsys.readouterr().out) == warned, (host, key)
+
+
 def test_the_api_key_is_enforced_when_set(dpo_run):
     from openai import AuthenticationError, OpenAI
 

@@ -307,11 +307,21 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     if not stages:
         raise PipelineError(f"{run_dir}: no finished model stage (pretrain, base, sft, dpo or rl) to serve")
     listening = listen_socket(host, port)
+    if not api_key and not _loopback(listening.getsockname()[0]):
+        print(f"warning: --host {host} takes requests from other machines and no --api-key (or PIPELINE_API_KEY) "
+              "is set: anyone who can reach this port can use the models", flush=True)
     print(f"serving {', '.join(stages)} from {run_dir} at http://{host}:{port}/ (API: http://{host}:{port}/v1"
           f"{', key required' if api_key else ''}); models load on first use")
     server = uvicorn.Server(uvicorn.Config(create_app(run_dir, api_key), host=host, port=port, log_level="info"))
     server.run(sockets=[listening])
     return 0
+
+
+def _loopback(address: str) -> bool:
+    """Whether a bound address only takes this machine's connections (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 def listen_socket(host: str, port: int):
