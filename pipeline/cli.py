@@ -217,11 +217,18 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from contextlib import nullcontext
+    from pathlib import Path
+
     from pipeline.export import export_stage
+    from pipeline.run_lock import run_folder_lock
     from pipeline.warnings_filter import quiet_known_noise
 
     quiet_known_noise()
-    out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only)
+    run_dir = Path(args.stage).parent
+    # not while a `pipeline run` rewrites the chain it merges (a stage outside a run folder has no such writer)
+    with run_folder_lock(run_dir) if (run_dir / "recipe.yaml").is_file() else nullcontext():
+        out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only)
     print(f"exported {args.stage} to {out}" + (" (adapter; the model it stands on in parent/)" if args.adapter_only
                                                 else ""))
     return 0

@@ -242,7 +242,8 @@ def run_recipe(recipe: Recipe, only: str | None = None, from_stage: str | None =
     claim_run_folder(recipe, force)
     enable_cpu_data_parallel()
     accelerator = Accelerator()
-    with run_folder_lock(recipe.run_dir, accelerator):  # before the first write: a second command is refused
+    # before the first write: a second command on this folder is refused
+    with run_folder_lock(recipe.run_dir, accelerator, " or stop it, or give this run its own folder (output_dir=...)"):
         return _visit_stages(recipe, accelerator, stages, forced, only)
 
 

@@ -36,8 +36,9 @@ def _holder(path: Path) -> str:
         return "its process did not say which"  # it has the lock but has not written this yet
 
 
-def try_lock(run_dir: Path) -> tuple[int | None, str | None]:
-    """(fd holding the lock, None), or (None, why the folder is taken). A file system without locks: (None, None)."""
+def try_lock(run_dir: Path, advice: str = "") -> tuple[int | None, str | None]:
+    """(fd holding the lock, None), or (None, why the folder is taken, ending in `advice`). A file system without
+    locks: (None, None)."""
     path = run_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,8 +50,7 @@ def try_lock(run_dir: Path) -> tuple[int | None, str | None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return None, (f"{run_dir} is in use by another pipeline command ({_holder(path)}); wait for it to finish "
-                      f"or stop it, or give this one its own folder (output_dir=...)")
+        return None, f"{run_dir} is in use by another pipeline command ({_holder(path)}); wait for it to finish{advice}"
     except OSError as exc:
         os.close(fd)
         if exc.errno in NO_LOCKS:
@@ -65,11 +65,11 @@ def try_lock(run_dir: Path) -> tuple[int | None, str | None]:
 
 
 @contextmanager
-def run_folder_lock(run_dir: Path, accelerator=None):
+def run_folder_lock(run_dir: Path, accelerator=None, advice: str = ""):
     """Hold the run folder's lock for the body. With several processes the main one locks and tells the others
     (one launch is one holder); every process raises the same PipelineError when another command has it."""
     main = accelerator is None or accelerator.is_main_process
-    fd, taken = try_lock(run_dir) if main else (None, None)
+    fd, taken = try_lock(run_dir, advice) if main else (None, None)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

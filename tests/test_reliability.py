@@ -47,26 +47,33 @@ def test_another_recipe_with_the_same_name_is_refused_and_nothing_is_touched(wri
     assert read_json(run_dir / "run.json")["recipe_file"] == str(other.resolve())
 
 
-def test_a_folder_in_use_by_another_command_is_refused_and_a_killed_holder_leaves_it_free(write_recipe, cli_env):
+def test_a_folder_in_use_by_another_command_is_refused_and_a_killed_holder_leaves_it_free(write_recipe, cli_env,
+                                                                                           tmp_path):
     path = write_recipe("busy", {"pretrain.max_steps": 3, "pretrain.checkpoint_every": 100})
     run_dir = load_recipe(path).run_dir
-    run_dir.mkdir(parents=True)
+    run_recipe(load_recipe(path))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from pipeline.run_lock import try_lock; fd, taken = try_lock(Path(sys.argv[1])); "
                                "print('held' if fd else taken, flush=True); time.sleep(120)", str(run_dir)],
                               env=cli_env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        refused = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path)], env=cli_env,
-                                 capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
-        assert re.search(rf"{run_dir} is in use by another pipeline command \(pid {holder.pid} on .* since .*: "
-                         rf"pipeline .*\); wait for it", refused.stderr), refused.stderr
-        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing written
+        in_use = rf"{re.escape(str(run_dir))} is in use by another pipeline command \(pid {holder.pid} on .* since .*\)"
+        for command, advice in ((["run", str(path), "--from", "pretrain"], "; wait for it to finish or stop it, or "
+                                 r"give this run its own folder \(output_dir=...\)\n"),
+                                (["eval", str(run_dir)], "; wait for it to finish\n"),
+                                (["export", str(run_dir / "pretrain"), str(tmp_path / "out")], "; wait for it")):
+            refused = subprocess.run([sys.executable, "-m", "pipeline", *command], env=cli_env,
+                                     capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+            assert re.search(f"^error: {in_use}{advice}", refused.stderr), (command, refused.stderr)
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+        assert not (tmp_path / "out").exists()
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
         holder.wait(timeout=30)
-    assert run_recipe(load_recipe(path))["pretrain"]["status"] == "done"
+    assert run_recipe(load_recipe(path), from_stage="pretrain")["pretrain"]["status"] == "done"
 
 
 # ---------------------------------------------------------------- stale stages are refused
