@@ -27,7 +27,7 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def _holder(path: Path) -> str:
-    """Who holds the lock, from what its holder wrote there: 'pid 123 on host h since 22:40 (pipeline run x.yaml)'."""
+    """Who holds the lock, from what its holder wrote there: 'pid 123 on h since 2026-12-01 22:40:00: pipeline run x'."""
     try:
         info = json.loads(path.read_text())
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
@@ -69,7 +69,12 @@ def run_folder_lock(run_dir: Path, accelerator=None, advice: str = ""):
     """Hold the run folder's lock for the body. With several processes the main one locks and tells the others
     (one launch is one holder); every process raises the same PipelineError when another command has it."""
     main = accelerator is None or accelerator.is_main_process
-    fd, taken = try_lock(run_dir, advice) if main else (None, None)
+    fd, taken = None, None
+    if main:
+        try:
+            fd, taken = try_lock(run_dir, advice)
+        except OSError as exc:  # said to every process below: a raise here would leave the others waiting for it
+            taken = f"cannot lock {run_dir}: {exc.strerror}"
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
