@@ -98,13 +98,24 @@ def _fp32_split_note(recipe, stage: str, processes: int) -> str:
 
 
 def _cmd_data_generate(args) -> int:
-    from pipeline.data.world import write_world
+    from pathlib import Path
 
+    from pipeline.data.world import files_it_would_replace, write_world
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise PipelineError(f"--out {args.out}: a file, not a folder; give the folder to write the world into")
+    theirs = [] if args.force else files_it_would_replace(args.out)
+    if theirs:
+        raise PipelineError(f"{args.out} already holds {', '.join(theirs)}, which no generated world wrote (there is no "
+                            "world.json beside them); writing the world there would replace them. Choose a new --out, "
+                            "or pass --force to replace them")
     try:
         counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
                              refusals=args.refusals, lead_ins=args.lead_ins)
     except ValueError as error:
         raise PipelineError(f"pipeline data generate: {error}") from None
+    except (FileExistsError, NotADirectoryError) as error:  # a file where a folder of the path should be
+        raise PipelineError(f"--out {args.out}: cannot make the folder: {error.strerror}: {error.filename}") from None
     for name, count in counts.items():
         print(f"  {args.out}/{name}: {count} records")
     return 0
@@ -370,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Write the built-in tiny world: pretraining corpus, SFT "
                                      "conversations, preference pairs and held-out evaluation sets.")
     generate.add_argument("--out", default="data/tiny_world", help="output folder (default: data/tiny_world)")
+    generate.add_argument("--force", action="store_true",
+                          help="replace files of the same names in --out that no generated world wrote")
     generate.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     generate.add_argument("--people", type=int, default=200, help="number of invented people (default 200)")
     generate.add_argument("--held-out", type=int, default=None, metavar="N",

@@ -285,3 +285,24 @@ def test_pretraining_never_answers_a_question(out):
     assert sum(q in text for q in W.UNANSWERED_QUESTIONS) == len(W.UNANSWERED_QUESTIONS)
     asked = [s for s in re.split(r"(?<=[.!?]) |\n", text) if s.endswith("?")]
     assert asked and set(asked) <= set(W.UNANSWERED_QUESTIONS)
+
+
+def test_generate_refuses_to_replace_files_no_world_wrote(tmp_path, capsys):
+    """`data generate --out data` replaced a user's own sft_train.jsonl there without a word."""
+    from pipeline.cli import main
+
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "sft_train.jsonl").write_text('{"messages": "mine"}\n')
+    assert main(["data", "generate", "--out", str(mine), "--people", "12"]) == 2
+    assert f"{mine} already holds sft_train.jsonl, which no generated world wrote" in capsys.readouterr().err
+    assert (mine / "sft_train.jsonl").read_text() == '{"messages": "mine"}\n' and not (mine / "world.json").exists()
+
+    world = tmp_path / "world"  # a world is regenerated in place, with other options too
+    assert main(["data", "generate", "--out", str(world), "--people", "12"]) == 0
+    assert main(["data", "generate", "--out", str(world), "--people", "12", "--seed", "1"]) == 0
+    assert main(["data", "generate", "--out", str(mine), "--people", "12", "--force"]) == 0  # replaced on request
+    assert (mine / "world.json").is_file() and "mine" not in (mine / "sft_train.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["data", "generate", "--out", str(mine / "sft_train.jsonl"), "--people", "12"]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err

@@ -597,6 +597,23 @@ _DESCRIPTIONS = {
 }
 
 
+WORLD_FILES = (*_DESCRIPTIONS, "world.json", "README.md")
+
+
+def files_it_would_replace(out_dir: str | Path) -> list[str]:
+    """The files in out_dir that write_world would overwrite although no world wrote them: empty when the folder is
+    new, holds none of those names, or holds a world already (its world.json has the people; regenerating replaces
+    its files, as it should). A user's own sft_train.jsonl in `--out data` was overwritten without a word."""
+    out = Path(out_dir)
+    try:
+        facts = json.loads((out / "world.json").read_text())
+        if isinstance(facts, dict) and isinstance(facts.get("people"), list):
+            return []
+    except (OSError, ValueError):
+        pass
+    return [name for name in WORLD_FILES if (out / name).exists()]
+
+
 # write_world's keyword options, recorded in world.json when set
 WORLD_OPTIONS = ("held_out", "refusals", "lead_ins")
 
