@@ -594,6 +594,12 @@ class Recipe:
     def validate(self, prefix: str) -> None:
         if not self.name:
             raise PipelineError("recipe: missing required key `name`")
+        # the run folder is <output_dir>/<name>: a name with a path in it (../x, a/b) puts it elsewhere
+        if self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\")):
+            raise PipelineError(f"name: `{self.name}` is a path; a name is one folder's name (letters, digits, - _ .); "
+                                "set output_dir for where run folders go")
+        if not self.output_dir.strip():
+            raise PipelineError("output_dir: empty; give the parent folder of run folders (default: runs)")
         if self.base and (self.tokenizer or self.pretrain):
             raise PipelineError("recipe: `base` replaces the tokenizer and pretrain stages; use one or the other")
         if self.pretrain and not self.tokenizer:

@@ -95,6 +95,10 @@ def _directory(path: Path) -> None:
 
 
 RECIPE_CASES = [
+    # where the run folder goes: <output_dir>/<name>
+    recipe_case("name=../elsewhere"),
+    recipe_case("name=a/b"),
+    recipe_case("output_dir=''", "output_dir"),
     # model shape
     recipe_case("pretrain.model.num_heads=0"),
     recipe_case("pretrain.model.num_kv_heads=0"),
