@@ -21,7 +21,7 @@ from transformers import (
 from pipeline.chat_template import ChatRenderer
 from pipeline.generation import context_length, stop_token_ids
 
-HELP = "commands: /reset (new conversation), /system TEXT (set the system message), /quit"
+HELP = "commands: /reset (new conversation), /system TEXT (set the system message; alone: clear it), /quit"
 
 
 @dataclass
@@ -194,11 +194,12 @@ def run_chat(paths: list[str], sampling: Sampling, system: str | None, stdin=sys
                 session.history.clear()
             stdout.write("(new conversation)\n")
             continue
-        if text.startswith("/system"):
+        command, _, argument = text.strip().partition(" ")
+        if command == "/system":  # the command word alone: "/systematic" is not "/system atic"
             for _, session in sessions:
-                session.system = text[len("/system"):].strip() or None
+                session.system = argument.strip() or None
                 session.history.clear()
-            stdout.write("(system message set; new conversation)\n")
+            stdout.write(f"(system message {'set' if argument.strip() else 'cleared'}; new conversation)\n")
             continue
         if text.startswith("/"):
             stdout.write(f"unknown command {text.split()[0]}; {HELP}\n")

@@ -49,13 +49,16 @@ def test_near_zero_temperature_and_top_k_1_equal_greedy(dpo_model):
 
 def test_chat_through_a_pipe_answers_and_exits(dpo_run, cli_env):
     run_dir, _ = dpo_run
-    stdin = "Where does Tolbik live?\n/system Answer briefly.\nWhat is 2 plus 3?\n/quit\nnever read\n"
+    stdin = ("Where does Tolbik live?\n/system Answer briefly.\nWhat is 2 plus 3?\n/systematic\n/system\n/quit\n"
+             "never read\n")
     result = subprocess.run([sys.executable, "-m", "pipeline", "chat", str(run_dir / "dpo"), "--greedy",
                              "--max-new-tokens", "8"], input=stdin, capture_output=True, text=True, env=cli_env,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("assistant> ") == 2
     assert "(system message set; new conversation)" in result.stdout
+    assert "unknown command /systematic" in result.stdout  # not a system message "atic"
+    assert "(system message cleared; new conversation)" in result.stdout
 
 
 def test_chat_leaves_out_the_oldest_exchanges_and_refuses_a_message_longer_than_the_context(dpo_model):
