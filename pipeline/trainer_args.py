@@ -147,11 +147,30 @@ class SameBatchesOnAnyTopology:
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
         global_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * \
             self.args.world_size
-        return LengthGroupedSampler(global_batch, lengths=dataset["length"])
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return epoch_seeded_length_sampler(global_batch, dataset["length"], seed)
+
+
+def epoch_seeded_length_sampler(batch_size: int, lengths: list[int], seed: int):
+    """transformers' LengthGroupedSampler with each epoch's order drawn from its own generator, seeded by (seed,
+    epoch). The plain one draws from the global RNG when the epoch starts; a resumed run draws its epoch again
+    from the RNG as the trainer left it, so after a crash the rest of that epoch saw other batches than an
+    uninterrupted run (sft on the quickstart: other tokens per step from the first step after the resume)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeeded(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the trainer (through accelerate) before each epoch
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(seed * 1_000_003 + self.epoch)
+            return super().__iter__()
+
+    return EpochSeeded(batch_size, lengths=lengths)
 
 
 class MetricsLog(TrainerCallback):
