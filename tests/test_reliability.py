@@ -314,6 +314,40 @@ def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(write_recipe, cap
     assert losses == list(range(1, 13))  # every step logged once, the torn line gone
 
 
+def test_an_interrupted_sft_resumes_to_the_bytes_an_uninterrupted_run_writes(write_recipe, tiny_world, monkeypatch):
+    """Two runs of one recipe train the same adapter (a fresh LoRA was drawn from a random seed), and a run cut
+    in its second epoch and resumed trains it too (the epoch's batches were drawn again from another RNG state)."""
+    from pipeline.trainer_args import StopOnNonFinite
+
+    import torch
+
+    sft = sft_section(tiny_world, max_steps=10, save_steps=3, eval_limit=2)  # 38 conversations: 5 steps an epoch
+    recipe = load_recipe(write_recipe("whole", {"pretrain.checkpoint_every": 100, "sft": sft}))
+    run_recipe(recipe)
+    adapters = [(recipe.run_dir / "sft" / "adapter_model.safetensors").read_bytes()]
+    torch.seed()  # as a new process starts: `pipeline run --only sft` has no pretraining to seed torch before sft
+    run_recipe(recipe, only="sft")
+    adapters.append((recipe.run_dir / "sft" / "adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]
+
+    recipe = load_recipe(write_recipe("cut", {"pretrain.checkpoint_every": 100, "sft": sft}))
+    original = StopOnNonFinite.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 7:  # in step 8, after checkpoint-6
+            raise KeyboardInterrupt
+        return original(self, model, inputs, num_items_in_batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopOnNonFinite, "training_step", training_step)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe)
+    assert read_json(recipe.run_dir / "sft" / "stage.json")["status"] == "interrupted"
+    records = run_recipe(recipe)
+    assert records["sft"]["status"] == "done" and records["sft"]["metrics"]["steps"] == 10
+    assert (recipe.run_dir / "sft" / "adapter_model.safetensors").read_bytes() == adapters[0]
+
+
 def test_sigterm_records_interrupted_and_the_rerun_resumes(write_recipe, cli_env):
     path = write_recipe("term", {"pretrain.max_steps": 400, "pretrain.checkpoint_every": 5, "pretrain.log_every": 1})
     run_dir = load_recipe(path).run_dir
