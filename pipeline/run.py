@@ -28,7 +28,7 @@ from pipeline import __version__
 from pipeline.artifacts import atomic_write_json, atomic_write_text, content_hashes, fsync_tree, read_json
 from pipeline.cpu_allocator import keep_freed_memory
 from pipeline.errors import Interrupted, PipelineError, StageFailed, is_out_of_memory
-from pipeline.recipe import Recipe, check_data_files, read_data_files, stage_help
+from pipeline.recipe import TEMPLATES_DIR, Recipe, check_data_files, read_data_files, stage_help
 from pipeline.run_lock import run_folder_lock
 
 STAGE_MODULES = {
@@ -114,10 +114,23 @@ def use_cpu_cores(accelerator) -> int | None:
     return threads
 
 
+def input_hashes(recipe: Recipe, stage: str, portable: bool = True) -> dict[str, str]:
+    """content_hashes of the stage's inputs, a built-in chat template named by its place in the package
+    ("<pipeline>/templates/chatml.jinja"), not by where the package is installed: keyed by the installed path,
+    a new clone or virtual environment made every tokenizer and base stage, and all after them, rerun.
+    `portable=False`: keyed by the installed path, as runs recorded before 2026-12-01 (see _visit_stages)."""
+    hashes = content_hashes(recipe.input_paths(stage))
+    if not portable:
+        return hashes
+    installed = str(TEMPLATES_DIR) + os.sep
+    return {f"<pipeline>/templates/{key[len(installed):]}" if key.startswith(installed) else key: value
+            for key, value in hashes.items()}
+
+
 def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[str], config: dict | None = None,
-                      base: dict | None = None) -> str:
+                      base: dict | None = None, portable: bool = True) -> str:
     """Hash of everything that decides a stage's output (`config` and `base`: the stage's section and the base
-    section as dicts, default the recipe's)."""
+    section as dicts, default the recipe's; `portable`: see input_hashes)."""
     if config is None:
         section = getattr(recipe, stage)
         config = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
@@ -128,7 +141,7 @@ def stage_fingerprint(recipe: Recipe, stage: str, upstream_fingerprints: list[st
         "config": config,
         "seed": recipe.seed,
         "base": base,
-        "data": content_hashes(recipe.input_paths(stage)),
+        "data": input_hashes(recipe, stage, portable),
         "upstream": upstream_fingerprints,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -151,8 +164,11 @@ def fingerprint_before_new_options(recipe: Recipe, stage: str, upstream_fingerpr
     base = _only_recorded_keys(recipe.base, recorded_base) if recipe.base and isinstance(recorded_base, dict) else None
     if pruned is None or (recipe.base and recorded_base is not None and base is None):
         return None
-    fingerprint = stage_fingerprint(recipe, stage, upstream_fingerprints, pruned, base)
-    return fingerprint if fingerprint == previous.get("fingerprint") else None
+    for portable in (True, False):  # and recorded with the template's installed path (input_hashes)
+        fingerprint = stage_fingerprint(recipe, stage, upstream_fingerprints, pruned, base, portable)
+        if fingerprint == previous.get("fingerprint"):
+            return fingerprint
+    return None
 
 
 def _only_recorded_keys(section, recorded: dict) -> dict | None:
@@ -271,10 +287,13 @@ def _visit_stages(recipe: Recipe, accelerator, stages: list[str], forced: set[st
         fingerprint = stage_fingerprint(recipe, stage, fingerprints)
         out_dir = run_dir / stage
         record = previous = read_stage_record(out_dir)
-        if record.get("fingerprint") not in (None, fingerprint) and fingerprint_before_new_options(
-                recipe, stage, fingerprints, record, records.get("base", {}).get("config")):
-            # the same config but for options added since: the record stands for this config (a rerun records
-            # the new fingerprint; later stages compare against whichever fingerprint the record keeps)
+        if record.get("fingerprint") not in (None, fingerprint) and (
+                fingerprint_before_new_options(recipe, stage, fingerprints, record,
+                                               records.get("base", {}).get("config"))
+                or record["fingerprint"] == stage_fingerprint(recipe, stage, fingerprints, portable=False)):
+            # the same config but for options added since, or recorded with the template's installed path: the
+            # record stands for this config (a rerun records the new fingerprint; later stages compare against
+            # whichever fingerprint the record keeps)
             previous = {**record, "fingerprint": fingerprint}
         visiting = only is None or stage == only
         upstream_runs = {name: rec.get("run_id") for name, rec in records.items()}
@@ -343,7 +362,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         "run_id": uuid.uuid4().hex,
         "config": dataclasses.asdict(config),
         "seed": recipe.seed,
-        "data": content_hashes(recipe.input_paths(stage)),
+        "data": input_hashes(recipe, stage),
         "upstream": {name: rec.get("fingerprint") for name, rec in upstream.items()},
         "upstream_runs": {name: rec.get("run_id") for name, rec in upstream.items()},
         "world_size": accelerator.num_processes,

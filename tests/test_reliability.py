@@ -153,6 +153,37 @@ def test_an_option_added_since_a_stage_ran_does_not_rerun_it_at_its_default(sft_
     assert changed["sft"]["run_id"] != first["sft"]["run_id"]
 
 
+def test_where_the_package_is_installed_does_not_rerun_a_stage(sft_run, tmp_path, monkeypatch):
+    """The built-in chat template was hashed under its installed path: a new clone or venv reran the whole chain.
+    A stage recorded that way (before 2026-12-01) stays current where the package has not moved."""
+    import shutil
+
+    import pipeline.recipe
+    import pipeline.run
+    from pipeline.artifacts import atomic_write_json
+    from pipeline.run import stage_fingerprint
+
+    path, run_dir, first = sft_run
+    recipe = load_recipe(path)
+    assert "<pipeline>/templates/chatml.jinja" in read_json(run_dir / "tokenizer" / "stage.json")["data"]
+    moved = tmp_path / "elsewhere" / "templates"
+    shutil.copytree(pipeline.recipe.TEMPLATES_DIR, moved)
+    with monkeypatch.context() as patch:  # the package installed elsewhere: same template, another path
+        patch.setattr(pipeline.recipe, "TEMPLATES_DIR", moved)
+        patch.setattr(pipeline.run, "TEMPLATES_DIR", moved)
+        assert stage_fingerprint(recipe, "tokenizer", []) == first["tokenizer"]["fingerprint"]
+        assert stage_fingerprint(recipe, "tokenizer", [], portable=False) != first["tokenizer"]["fingerprint"]
+
+    fingerprints = []  # the chain as recorded before: the template under its installed path
+    for stage in ("tokenizer", "pretrain", "sft"):
+        record = read_json(run_dir / stage / "stage.json")
+        record["fingerprint"] = stage_fingerprint(recipe, stage, fingerprints, portable=False)
+        atomic_write_json(run_dir / stage / "stage.json", record)
+        fingerprints.append(record["fingerprint"])
+    again = run_recipe(recipe)
+    assert {name: again[name]["run_id"] for name in again} == {name: first[name]["run_id"] for name in first}
+
+
 def test_an_option_added_to_the_base_section_does_not_rerun_the_chain(tiny_world, gemma_folder, tmp_path):
     """Every stage's fingerprint holds the base section: a base option added since the chain ran (absent from the
     base stage's record), at its default, leaves base and sft current."""
