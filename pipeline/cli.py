@@ -106,9 +106,9 @@ def _cmd_data_generate(args) -> int:
         raise PipelineError(f"--out {args.out}: a file, not a folder; give the folder to write the world into")
     theirs = [] if args.force else files_it_would_replace(args.out)
     if theirs:
-        raise PipelineError(f"{args.out} already holds {', '.join(theirs)}, which no generated world wrote (there is no "
-                            "world.json beside them); writing the world there would replace them. Choose a new --out, "
-                            "or pass --force to replace them")
+        raise PipelineError(f"{args.out} already holds {', '.join(theirs)}, which no generated world wrote (there is "
+                            "no world.json beside them); writing the world there would replace them. Choose a new "
+                            "--out, or pass --force to replace them")
     try:
         counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
                              refusals=args.refusals, lead_ins=args.lead_ins)

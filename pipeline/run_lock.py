@@ -27,7 +27,7 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def _holder(path: Path) -> str:
-    """Who holds the lock, from what its holder wrote there: 'pid 123 on h since 2026-12-01 22:40:00: pipeline run x'."""
+    """Who holds the lock, from what its holder wrote: 'pid 123 on h since 2026-12-01 22:40:00: pipeline run x'."""
     try:
         info = json.loads(path.read_text())
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
