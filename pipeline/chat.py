@@ -1,7 +1,7 @@
 """`pipeline chat`: talk to any stage's model, rendered exactly as training rendered conversations.
 
 Reads one user message per line from standard input (a terminal or a pipe), streams the reply,
-and keeps the conversation. Commands: /reset, /system TEXT, /quit.
+and keeps the conversation. Commands: /reset, /system TEXT, /help, /quit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import (
 from pipeline.chat_template import ChatRenderer
 from pipeline.generation import context_length, stop_token_ids
 
-HELP = "commands: /reset (new conversation), /system TEXT (set the system message; alone: clear it), /quit"
+HELP = "commands: /reset (new conversation), /system TEXT (set the system message; alone: clear it), /help, /quit"
 
 
 @dataclass
@@ -195,6 +195,9 @@ def run_chat(paths: list[str], sampling: Sampling, system: str | None, stdin=sys
             stdout.write("(new conversation)\n")
             continue
         command, _, argument = text.strip().partition(" ")
+        if command == "/help" and not argument:
+            stdout.write(f"{HELP}\n")
+            continue
         if command == "/system":  # the command word alone: "/systematic" is not "/system atic"
             for _, session in sessions:
                 session.system = argument.strip() or None

@@ -678,6 +678,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> dict:
     """The recipe file as a dict, with YAML syntax errors (and keys given twice) reported by line."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.glob("*.y*ml"))
+        raise PipelineError(f"{path} is a folder; give a recipe file" + (f", e.g. {', '.join(inside[:4])}" if inside else ""))
     if not path.is_file():
         nearby = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
         near = closest(path.name, nearby)

@@ -49,7 +49,7 @@ def test_near_zero_temperature_and_top_k_1_equal_greedy(dpo_model):
 
 def test_chat_through_a_pipe_answers_and_exits(dpo_run, cli_env):
     run_dir, _ = dpo_run
-    stdin = ("Where does Tolbik live?\n/system Answer briefly.\nWhat is 2 plus 3?\n/systematic\n/system\n/quit\n"
+    stdin = ("Where does Tolbik live?\n/system Answer briefly.\nWhat is 2 plus 3?\n/systematic\n/help\n/system\n/quit\n"
              "never read\n")
     result = subprocess.run([sys.executable, "-m", "pipeline", "chat", str(run_dir / "dpo"), "--greedy",
                              "--max-new-tokens", "8"], input=stdin, capture_output=True, text=True, env=cli_env,
@@ -58,6 +58,7 @@ def test_chat_through_a_pipe_answers_and_exits(dpo_run, cli_env):
     assert result.stdout.count("assistant> ") == 2
     assert "(system message set; new conversation)" in result.stdout
     assert "unknown command /systematic" in result.stdout  # not a system message "atic"
+    assert "\ncommands: /reset" in result.stdout and "unknown command /help" not in result.stdout
     assert "(system message cleared; new conversation)" in result.stdout
 
 
