@@ -680,7 +680,8 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         inside = sorted(str(p) for p in path.glob("*.y*ml"))
-        raise PipelineError(f"{path} is a folder; give a recipe file" + (f", e.g. {', '.join(inside[:4])}" if inside else ""))
+        examples = f", e.g. {', '.join(inside[:4])}" if inside else ""
+        raise PipelineError(f"{path} is a folder; give a recipe file{examples}")
     if not path.is_file():
         nearby = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
         near = closest(path.name, nearby)

@@ -378,7 +378,6 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     module = importlib.import_module(STAGE_MODULES[stage])
     context.log(f"starting (fingerprint {fingerprint}) -> {out_dir}")
     import torch
-
     from transformers import set_seed
 
     if torch.cuda.is_available():

@@ -117,7 +117,8 @@ def test_a_missing_recipe_or_stage_says_what_was_meant(write_recipe, tmp_path):
     with pytest.raises(PipelineError, match=rf"^recipe not found: {tmp_path}/quickstar.yaml \(did you mean "
                                             rf"`{tmp_path}/quickstart.yaml`\?\)$"):
         load_recipe(tmp_path / "quickstar.yaml")
-    with pytest.raises(PipelineError, match=rf"^{tmp_path} is a folder; give a recipe file, e.g. {tmp_path}/quickstart.yaml$"):
+    with pytest.raises(PipelineError, match=rf"^{tmp_path} is a folder; give a recipe file, e.g. "
+                                            rf"{tmp_path}/quickstart.yaml$"):
         load_recipe(tmp_path)
     recipe = load_recipe(write_recipe())
     with pytest.raises(PipelineError, match=r"stage `rl` is not in this recipe \(its stages: tokenizer, pretrain\); "

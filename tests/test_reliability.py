@@ -348,9 +348,9 @@ def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(write_recipe, cap
 def test_an_interrupted_sft_resumes_to_the_bytes_an_uninterrupted_run_writes(write_recipe, tiny_world, monkeypatch):
     """Two runs of one recipe train the same adapter (a fresh LoRA was drawn from a random seed), and a run cut
     in its second epoch and resumed trains it too (the epoch's batches were drawn again from another RNG state)."""
-    from pipeline.trainer_args import StopOnNonFinite
-
     import torch
+
+    from pipeline.trainer_args import StopOnNonFinite
 
     sft = sft_section(tiny_world, max_steps=10, save_steps=3, eval_limit=2)  # 38 conversations: 5 steps an epoch
     recipe = load_recipe(write_recipe("whole", {"pretrain.checkpoint_every": 100, "sft": sft}))
