@@ -135,16 +135,22 @@ def _share(margin: torch.Tensor) -> float:
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
-def pairwise_metrics(model, renderer: ChatRenderer, pairs: list[dict]) -> dict:
-    """Held-out pairwise accuracy (r_chosen > r_rejected) and mean margin r_chosen - r_rejected."""
-    rows, _ = tokenize_pairs(pairs, renderer, max_length=1 << 30)  # score every pair
-    if not rows:
-        return {}
+def _pair_rewards(model, renderer: ChatRenderer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) rewards of each pair's chosen and rejected side, one per pair in order (no pair is dropped)."""
+    rows, _ = tokenize_pairs(pairs, renderer, max_length=1 << 30)
     chosen = reward_scores(model, [r["prompt_ids"] + r["chosen_ids"] for r in rows])
     rejected = reward_scores(model, [r["prompt_ids"] + r["rejected_ids"] for r in rows])
+    return chosen, rejected
+
+
+def pairwise_metrics(model, renderer: ChatRenderer, pairs: list[dict]) -> dict:
+    """Held-out pairwise accuracy (r_chosen > r_rejected) and mean margin r_chosen - r_rejected."""
+    if not pairs:
+        return {}
+    chosen, rejected = _pair_rewards(model, renderer, pairs)
     margin = chosen - rejected
     return {"pairwise_accuracy": _share(margin), "mean_margin": margin.mean().item(),
-            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(), "pairs": len(rows)}
+            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(), "pairs": len(pairs)}
 
 
 def _wrong_fact_pairs(records: list[dict], seed: int) -> list[dict]:
@@ -156,12 +162,19 @@ def _wrong_fact_pairs(records: list[dict], seed: int) -> list[dict]:
 
 def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) -> dict:
     """On held-out questions of the tiny world (records that declare its scorer): the share where the
-    reply with the right fact outscores the same reply with another person's value (pipeline/data/world.py)."""
-    metrics = pairwise_metrics(model, renderer, _wrong_fact_pairs(records, seed))
-    if not metrics:
+    reply with the right fact outscores the same reply with another person's value (pipeline/data/world.py),
+    overall and per attribute (one attribute near chance shows where the score does not read the facts)."""
+    pairs = _wrong_fact_pairs(records, seed)
+    if not pairs:
         return {}
-    return {"fact_ranking": metrics["pairwise_accuracy"], "fact_margin": metrics["mean_margin"],
-            "fact_questions": metrics["pairs"]}
+    chosen, rejected = _pair_rewards(model, renderer, pairs)
+    margin = chosen - rejected
+    by_attribute = {}
+    for attribute in sorted({p["attribute"] for p in pairs}):
+        rows = torch.tensor([p["attribute"] == attribute for p in pairs])
+        by_attribute[attribute] = {"ranking": _share(margin[rows]), "questions": int(rows.sum())}
+    return {"fact_ranking": _share(margin), "fact_margin": margin.mean().item(), "fact_questions": len(pairs),
+            "fact_ranking_by_attribute": by_attribute}
 
 
 def likelihood_fact_ranking(causal, renderer: ChatRenderer, records: list[dict], seed: int, pad_id: int) -> dict:

@@ -120,6 +120,13 @@ def test_reward_stage_learns_and_reports(aligned_run):
     assert after["pairwise_accuracy"] >= 0.75 and after["mean_margin"] > 0
     for key in ("pairwise_accuracy", "mean_margin", "chosen_reward", "rejected_reward", "fact_ranking", "fact_margin"):
         assert math.isfinite(after[key]), key
+    # per attribute: every question counted once, and the shares weigh back to the overall ranking
+    by_attribute = after["fact_ranking_by_attribute"]
+    assert set(by_attribute) <= {"town", "job", "pet", "colour", "best_friend"} and len(by_attribute) >= 2
+    assert sum(a["questions"] for a in by_attribute.values()) == after["fact_questions"]
+    weighted = sum(a["ranking"] * a["questions"] for a in by_attribute.values()) / after["fact_questions"]
+    assert weighted == pytest.approx(after["fact_ranking"], abs=1e-6)
+    assert all(a["ranking"] == 0.5 for a in before["fact_ranking_by_attribute"].values())  # the zero head ties
     assert metrics["steps"] == 6 and math.isfinite(metrics["train_loss"]) and metrics["train_loss"] < math.log(2)
     assert 0 < metrics["trainable_parameters"] and metrics["ranks_in_sync"]
     logs = [json.loads(line) for line in (run_dir / "reward" / "metrics.jsonl").read_text().splitlines()]

@@ -541,7 +541,8 @@ def wrong_fact_pairs(records: list[dict], seed: int = 0) -> list[dict]:
     """Preference pairs from held-out questions: the reference reply (the right fact) as chosen, the same
     reply with another person's value for the same attribute as rejected ("Nozan lives in Varn." against
     "Nozan lives in Tamber."). Another value that the reply already contains (the person's own name as a
-    best friend) is never swapped in. Records without an answer, an attribute or another value are skipped."""
+    best friend) is never swapped in. Records without an answer, an attribute or another value are skipped.
+    Each pair keeps its record's attribute (the ranking is reported per attribute)."""
     rng = _rng(seed, "wrong_fact")
     values: dict[str, set[str]] = {}
     for record in records:
@@ -558,7 +559,7 @@ def wrong_fact_pairs(records: list[dict], seed: int = 0) -> list[dict]:
         wrong = swap_answer(reply, answer, rng.choice(pool)) if pool else reply
         if wrong != reply:
             pairs.append({"prompt": messages[:-1], "chosen": [messages[-1]],
-                          "rejected": [{"role": "assistant", "content": wrong}]})
+                          "rejected": [{"role": "assistant", "content": wrong}], "attribute": record["attribute"]})
     return pairs
 
 

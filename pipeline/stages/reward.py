@@ -91,7 +91,14 @@ def heldout(model, renderer: ChatRenderer, pairs: list[dict], answers: list[dict
 
 
 def summary(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()) or "(none)"
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        if isinstance(value, dict):  # per attribute: {"pet": {"ranking": 0.56, "questions": 40}}
+            return "(" + ", ".join(f"{k} {v['ranking']:.2f}" for k, v in value.items()) + ")"
+        return str(value)
+
+    return ", ".join(f"{k} {show(v)}" for k, v in metrics.items()) or "(none)"
 
 
 # ---------------------------------------------------------------- the stage
