@@ -111,7 +111,7 @@ def _cmd_data_generate(args) -> int:
                             "--out, or pass --force to replace them")
     try:
         counts = write_world(args.out, seed=args.seed, people=args.people, held_out=args.held_out,
-                             refusals=args.refusals, lead_ins=args.lead_ins)
+                             refusals=args.refusals, lead_ins=args.lead_ins, value_first=args.value_first)
     except ValueError as error:
         raise PipelineError(f"pipeline data generate: {error}") from None
     except (FileExistsError, NotADirectoryError) as error:  # a file where a folder of the path should be
@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="share of the pretraining chats' spelling answers that open with one or two neutral "
                           "sentences before copying the word (default 0; the quickstart's world uses 0.5: a small "
                           "model then copies the asked name after the habit's preamble too)")
+    generate.add_argument("--value-first", action="store_true",
+                          help="state jobs, pets and colours value-first in two of their five pretraining phrasings "
+                          "('Smith is the job that Nozan does'), as towns always are (default one; the long "
+                          "recipe's world uses it: a reward model then reads held-out people's facts better)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

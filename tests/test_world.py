@@ -306,3 +306,33 @@ def test_generate_refuses_to_replace_files_no_world_wrote(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "generate", "--out", str(mine / "sft_train.jsonl"), "--people", "12"]) == 2
     assert "a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_value_first_world_changes_only_how_pretraining_words_jobs_pets_and_colours(tmp_path):
+    """`value_first` (the long recipe's world): jobs, pets and colours are stated value-first in two phrasings of
+    five, as towns always are; the people, their facts and every question, answer and pair stay the same."""
+    plain, value_first = tmp_path / "plain", tmp_path / "value_first"
+    W.write_world(plain, seed=0, people=60)
+    W.write_world(value_first, seed=0, people=60, value_first=True)
+    for name in ("sft_train.jsonl", "sft_heldout.jsonl", "dpo_train.jsonl", "dpo_heldout.jsonl",
+                 "reward_facts.jsonl", "pretrain_chat.jsonl"):
+        assert (plain / name).read_bytes() == (value_first / name).read_bytes(), name
+    facts = json.loads((value_first / "world.json").read_text())
+    assert facts["value_first"] is True and "value_first" not in json.loads((plain / "world.json").read_text())
+    assert facts["people"] == json.loads((plain / "world.json").read_text())["people"]
+
+    def value_first_sentences(folder: Path) -> dict[str, int]:
+        """Sentences of pretrain.jsonl per attribute that open with a value of that attribute."""
+        text = " ".join(r["text"] for r in read_jsonl(folder / "pretrain.jsonl"))
+        sentences = re.split(r"(?<=\.)\s+", text)
+        return {a: sum(s.split(" ", 1)[0].lower() in {v.lower() for v in values} for s in sentences)
+                for a, values in W.VALUES.items()}
+
+    before, after = value_first_sentences(plain), value_first_sentences(value_first)
+    assert after["town"] == pytest.approx(before["town"], rel=0.3) and before["town"] > 0  # two of five in both
+    for attribute in ("job", "pet", "colour"):
+        assert after[attribute] > 1.5 * before[attribute] > 0, (attribute, before, after)
+    # it regenerates byte for byte from what world.json records, like every world
+    again = tmp_path / "again"
+    W.write_world(again, seed=facts["seed"], people=facts["size"], **W.world_options(facts))
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in value_first.iterdir())

@@ -73,6 +73,22 @@ FACTS = {
                     "{n} calls {v} a best friend.", "{n} trusts {v} more than anyone, as a best friend.",
                     "{v} is the best friend of {n}."],
 }
+# A `value_first` world states jobs, pets and colours value-first in two of their five phrasings, as towns
+# always are (these replace one person-first phrasing each; template 0, the plain answer, stays). Why: a reward
+# model ranks right over wrong facts about held-out people better when pretraining also tied values to people
+# in that direction (recipes/tiny_world_long.yaml: 0.640 -> 0.855 on one model, towns ranked best before).
+VALUE_FIRST_PHRASINGS = {"job": (2, "{V} is the trade of {n}."), "pet": (3, "{V} is what {n} keeps as a pet."),
+                         "colour": (2, "{V} is the colour {n} likes most.")}
+
+
+def fact_templates(value_first: bool) -> dict[str, list[str]]:
+    """Each attribute's five phrasings: FACTS, or with the second value-first phrasing of a `value_first` world."""
+    if not value_first:
+        return FACTS
+    templates = {attribute: list(phrasings) for attribute, phrasings in FACTS.items()}
+    for attribute, (index, phrasing) in VALUE_FIRST_PHRASINGS.items():
+        templates[attribute][index] = phrasing
+    return templates
 QUESTIONS = {
     "town": ["Where does {n} live?", "In which town does {n} live?", "What is {n}'s home town?"],
     "job": ["What does {n} do for a living?", "What is {n}'s job?", "What work does {n} do?"],
@@ -136,6 +152,11 @@ class World:
     people: list[Person]
     seed: int = 0
     n_seen: int = 0  # the first n_seen people are seen, the rest held out
+    value_first: bool = False  # pretraining's phrasings: fact_templates
+
+    @property
+    def templates(self) -> dict[str, list[str]]:
+        return fact_templates(self.value_first)
 
     @property
     def seen(self) -> list[Person]:
@@ -199,9 +220,9 @@ def _fill(template: str, name: str, value: str) -> str:
     return template.format(n=name, v=value, av=f"{article} {value}", V=value[0].upper() + value[1:])
 
 
-def fact(person: Person, attribute: str, template: int = 0) -> str:
-    """One sentence stating a fact; template 0 is the plain answer."""
-    return _fill(FACTS[attribute][template], person.name, getattr(person, attribute))
+def fact(person: Person, attribute: str, template: int = 0, templates: dict[str, list[str]] = FACTS) -> str:
+    """One sentence stating a fact; template 0 is the plain answer (the same in every world's templates)."""
+    return _fill(templates[attribute][template], person.name, getattr(person, attribute))
 
 
 def question(person: Person, attribute: str, phrasing: int = 0) -> str:
@@ -232,8 +253,8 @@ def _letter_count_line(word: str, letter: str) -> str:
 def _biography(rng: random.Random, world: World, p: Person, templates: dict[str, int],
                one_per_line: bool) -> str:
     friend = world.person(p.best_friend)
-    lines = [fact(p, a, templates[a]) for a in ATTRIBUTES]
-    lines.append(fact(friend, rng.choice(ATTRIBUTES[:4]), rng.randrange(5)))
+    lines = [fact(p, a, templates[a], world.templates) for a in ATTRIBUTES]
+    lines.append(fact(friend, rng.choice(ATTRIBUTES[:4]), rng.randrange(5), world.templates))
     lines += rng.sample(FILLER, rng.randint(2, 4))
     if rng.random() < 0.5:
         lines.append(rng.choice(UNANSWERED_QUESTIONS))
@@ -262,7 +283,8 @@ def _group_docs(rng: random.Random, world: World) -> list[str]:
         for value in values:
             members = [p for p in world.people if getattr(p, attribute) == value]
             if members:
-                lines = [fact(p, attribute, rng.randrange(5)) for p in rng.sample(members, len(members))]
+                lines = [fact(p, attribute, rng.randrange(5), world.templates)
+                         for p in rng.sample(members, len(members))]
                 docs.append("\n".join(lines))
     return docs
 
@@ -616,7 +638,7 @@ def files_it_would_replace(out_dir: str | Path) -> list[str]:
 
 
 # write_world's keyword options, recorded in world.json when set
-WORLD_OPTIONS = ("held_out", "refusals", "lead_ins")
+WORLD_OPTIONS = ("held_out", "refusals", "lead_ins", "value_first")
 
 
 def world_options(facts: dict) -> dict:
@@ -625,16 +647,19 @@ def world_options(facts: dict) -> dict:
 
 
 def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
-                held_out: int | None = None, refusals: float = 0.0, lead_ins: float = 0.0) -> dict[str, int]:
+                held_out: int | None = None, refusals: float = 0.0, lead_ins: float = 0.0,
+                value_first: bool = False) -> dict[str, int]:
     """Write every file of the built-in data to out_dir; return {filename: record count}.
     `refusals`: the share of pretraining chat records with a question about nobody answered "I do not know.";
-    `lead_ins`: the share of the pretraining chats' spelling answers that open with neutral lines."""
+    `lead_ins`: the share of the pretraining chats' spelling answers that open with neutral lines;
+    `value_first`: pretraining states jobs, pets and colours value-first in two phrasings of five (fact_templates)."""
     for name, share in (("refusals", refusals), ("lead_ins", lead_ins)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} is a share of the pretraining chats, from 0 to 1; got {share}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = generate_world(seed, people, held_out)
+    world.value_first = value_first
     pretrain = pretrain_docs(world)
     files = {
         "pretrain.jsonl": [{"text": d} for d in pretrain],
@@ -652,7 +677,7 @@ def write_world(out_dir: str | Path, seed: int = 0, people: int = 200,
 
     held = {p.name for p in world.held_out}
     # only the options set: a world made without them keeps the world.json and README it always had
-    options = {name: value for name, value in zip(WORLD_OPTIONS, (held_out, refusals, lead_ins)) if value}
+    options = {name: value for name, value in zip(WORLD_OPTIONS, (held_out, refusals, lead_ins, value_first)) if value}
     facts = {"seed": seed, "size": people, **options,
              "values": {a: list(v) for a, v in VALUES.items()},
              "people": [{**asdict(p), "split": "held_out" if p.name in held else "seen"}
@@ -685,6 +710,7 @@ if __name__ == "__main__":
     parser.add_argument("--held-out", type=int, default=None)
     parser.add_argument("--refusals", type=float, default=0.0)
     parser.add_argument("--lead-ins", type=float, default=0.0)
+    parser.add_argument("--value-first", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals, args.lead_ins),
-                     indent=1))
+    print(json.dumps(write_world(args.out_dir, args.seed, args.people, args.held_out, args.refusals, args.lead_ins,
+                                 args.value_first), indent=1))
