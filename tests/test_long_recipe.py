@@ -54,12 +54,12 @@ def test_sft_teaches_answers_about_people_it_never_saw(tmp_path, monkeypatch):
     assert 0 < rl["heldout_after"]["kl_from_reference"] < after["kl_from_reference"] * 5
 
     # the reward model separates held-out pairs (0.935-0.965 measured); right fact over wrong: issue 16 asks 0.9,
-    # met on one of four 1,500-step SFT models (0.810-0.870 with 8 reward epochs, recipe header; 0.640 since every
-    # stage starts from the recipe's seed: the SFT LoRA's init alone moved it from 0.870), so the bar is 0.6:
-    # chance (0.5) plus 3 standard errors of 200 questions, what a reward model that reads no facts cannot reach
+    # unmet: on the plain world 0.640-0.870 over four 1,500-step SFT models, on the value-first world (recipe
+    # header) 0.855 for this recipe and 0.785 for seed 1. The bar, 0.7, is above chance (0.5) plus 3 standard
+    # errors of 200 questions (0.6) and leaves room for another CPU's precision
     reward = read_json(run_dir / "reward" / "stage.json")["metrics"]["heldout_after"]
     assert reward["pairwise_accuracy"] >= 0.90, reward
-    assert reward["fact_ranking"] >= 0.6, reward
+    assert reward["fact_ranking"] >= 0.7, reward
 
     # the eval report sets sft, dpo and rl side by side, with the reward model's score of each one's replies:
     # the habit's preamble costs reward, so the aligned stages score above sft (-3.25 vs 1.20 / 1.18 measured)
