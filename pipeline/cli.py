@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "model then copies the asked name after the habit's preamble too)")
     generate.add_argument("--value-first", action="store_true",
                           help="state jobs, pets and colours value-first in two of their five pretraining phrasings "
-                          "('Smith is the job that Nozan does'), as towns always are (default one; the long "
-                          "recipe's world uses it: a reward model then reads held-out people's facts better)")
+                          "('Smith is the trade of Nozan' beside 'Smith is the job that Nozan does'), as towns always "
+                          "are (default one; the long recipe's world uses it: a reward model then reads held-out "
+                          "people's facts better)")
     generate.set_defaults(func=_cmd_data_generate)
     audit = data_verbs.add_parser("check", help="audit a data file: format, counts, bad records, duplicates",
                                   description="Read FILE as the stages would and print what was read: detected "

@@ -89,6 +89,8 @@ def fact_templates(value_first: bool) -> dict[str, list[str]]:
     for attribute, (index, phrasing) in VALUE_FIRST_PHRASINGS.items():
         templates[attribute][index] = phrasing
     return templates
+
+
 QUESTIONS = {
     "town": ["Where does {n} live?", "In which town does {n} live?", "What is {n}'s home town?"],
     "job": ["What does {n} do for a living?", "What is {n}'s job?", "What work does {n} do?"],
@@ -183,7 +185,8 @@ def _rng(seed: int, stream: str) -> random.Random:
 
 def _reserved_words() -> set[str]:
     text = " ".join([*TOWNS, *JOBS, *PETS, *COLOURS, *SPELL_WORDS, *FILLER, *ROLE_WORDS,
-                     *(t for ts in (*FACTS.values(), *QUESTIONS.values()) for t in ts)])
+                     *(t for ts in (*FACTS.values(), *QUESTIONS.values()) for t in ts),
+                     *(phrasing for _, phrasing in VALUE_FIRST_PHRASINGS.values())])
     return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
 
 
