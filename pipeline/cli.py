@@ -239,9 +239,9 @@ def _cmd_export(args) -> int:
     run_dir = Path(args.stage).parent
     # not while a `pipeline run` rewrites the chain it merges (a stage outside a run folder has no such writer)
     with run_folder_lock(run_dir) if (run_dir / "recipe.yaml").is_file() else nullcontext():
-        out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only)
+        out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only, gguf=args.gguf)
     print(f"exported {args.stage} to {out}" + (" (adapter; the model it stands on in parent/)" if args.adapter_only
-                                                else ""))
+                                                else f" (and {out}/model.gguf for llama.cpp)" if args.gguf else ""))
     return 0
 
 
@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter_model.safetensors) and write the model it was trained on (the base with every "
                         "earlier adapter merged) to OUT/parent, which the adapter's base_model_name_or_path names "
                         "(an absolute path); parent is written even for a single adapter, so OUT is self-contained")
+    export.add_argument("--gguf", action="store_true",
+                        help="also write OUT/model.gguf: the merged weights (in --dtype; vectors stay float32), the "
+                        "vocabulary and the chat template for llama.cpp, ollama and LM Studio (models pretrained "
+                        "here, Llama architecture; convert other bases with llama.cpp's convert_hf_to_gguf.py)")
     export.set_defaults(func=_cmd_export)
 
     data = verbs.add_parser("data", help="built-in data and data audits")

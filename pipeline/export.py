@@ -14,6 +14,9 @@ A reward stage exports merged only, as a sequence-classification folder (the SFT
 reward LoRA merged, and the trained score head): `AutoModelForSequenceClassification.from_pretrained(OUT)`
 scores a rendered prompt + reply at its last token that is not padding, as the reward stage did.
 
+With `gguf`, the merged folder also holds model.gguf, the same weights for llama.cpp, ollama and
+LM Studio (pipeline/gguf_export.py).
+
 OUT is built in a sibling folder and renamed into place, so a crash never leaves half of it.
 """
 
@@ -30,6 +33,7 @@ from pipeline.artifacts import atomic_write_text, fsync_tree, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
+from pipeline.gguf_export import require_writable, write_gguf
 from pipeline.lineage import lineage_head
 from pipeline.models import lineage_of, load_stage_model
 from pipeline.rewards import HEAD as REWARD_HEAD
@@ -38,9 +42,11 @@ from pipeline.rewards import load_reward_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_MODEL = ("tokenizer", "eval")  # stages whose folder holds no model
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+GGUF_FILE = "model.gguf"
 
 
-def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = None, adapter_only: bool = False) -> Path:
+def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = None, adapter_only: bool = False,
+                 gguf: bool = False) -> Path:
     """Write the stage's model to `out` (see the module doc); `dtype` None keeps the dtype the run loads it in."""
     stage_dir, out = Path(stage_dir), Path(out)
     record = finished_model_stage(stage_dir)
@@ -52,6 +58,12 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
         raise PipelineError(f"{stage_dir}: a reward stage's folder is already its adapter (LoRA + score head on the "
                             "SFT model; its lineage.json says how to load it): export it merged, without "
                             "--adapter-only")
+    if gguf and (adapter_only or reward):
+        raise PipelineError(f"{stage_dir}: --gguf writes a merged causal LM; " + (
+            "it does not go with --adapter-only" if adapter_only else "a reward stage's score model has no GGUF form "
+            "here: export it without --gguf"))
+    if gguf and (Path(base) / "config.json").is_file():  # known before loading: refused without a wait
+        require_writable(str((read_json(Path(base) / "config.json") or {}).get("model_type")))
     if adapter_only and not adapters:
         raise PipelineError(f"{stage_dir}: stage {record['stage']} is a full model with no adapter; "
                             "export it without --adapter-only")
@@ -82,9 +94,13 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             tokenizer.save_pretrained(tmp)
         else:
             model, tokenizer = load_stage_model(stage_dir, dtype=DTYPES.get(dtype), merge_all=True)
+            tmp.mkdir(parents=True)
+            if gguf:  # first: a model it cannot write is refused before the folder's gigabytes are
+                write_gguf(model, tokenizer, tmp / GGUF_FILE, ChatRenderer(tokenizer).end_of_turn,
+                           name=f"{stage_dir.resolve().parent.name}-{record['stage']}")
             _save_full(model, tokenizer, tmp)
         card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only,
-                          reward)
+                          reward, gguf)
         atomic_write_text(tmp / "README.md", card)
         fsync_tree(tmp)
         try:
@@ -136,7 +152,7 @@ def _save_full(model, tokenizer, folder: Path) -> None:
 
 
 def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool,
-               reward: bool = False) -> str:
+               reward: bool = False, gguf: bool = False) -> str:
     """README.md: where the weights come from (base, adapters in order), and each stage's data and metrics."""
     run_dir = stage_dir.resolve().parent
     hub_base = not Path(base).exists()
@@ -170,6 +186,14 @@ def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], d
                   'model = AutoModelForCausalLM.from_pretrained("OUT")',
                   'tokenizer = AutoTokenizer.from_pretrained("OUT")  # with its chat template', "```", "",
                   "`generation_config.json` stops at the end-of-turn token.", ""]
+        if gguf:
+            lines += [f"`{GGUF_FILE}` holds the same weights, vocabulary and chat template for llama.cpp, ollama and "
+                      "LM Studio; generation ends at the end-of-turn token (the file's end-of-turn id).", "",
+                      "```sh", f"llama-cli -m OUT/{GGUF_FILE} -cnv          # llama.cpp, with the chat template",
+                      f"printf 'FROM ./{GGUF_FILE}\\n' > OUT/Modelfile && ollama create my-model -f OUT/Modelfile",
+                      "```", "",
+                      "transformers reads it too: `AutoModelForCausalLM.from_pretrained(\"OUT\", "
+                      f"gguf_file=\"{GGUF_FILE}\")`.", ""]
     lines += ["## Stages", ""]
     for stage in [*(record.get("upstream") or {}), name]:
         stage_record = record if stage == name else read_json(run_dir / stage / "stage.json") or {}

@@ -215,3 +215,82 @@ def test_a_crash_leaves_no_half_written_folder(dpo_run, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         export(run_dir / "sft", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- GGUF
+
+def gguf_fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    return {**fields, "tensor_types": {t.name: t.tensor_type.name for t in reader.tensors}}
+
+
+def test_gguf_export_reads_back_with_the_same_logits_tokens_and_chat_template(dpo_run, tiny_world, tmp_path):
+    """transformers' GGUF loader (which undoes llama.cpp's q/k row order and rebuilds the vocabulary from the
+    file) gives the chain's logits and the tokenizer's ids; the file's chat template renders what ours does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.models import load_stage_model
+
+    run_dir, _ = dpo_run
+    out = tmp_path / "gguf"
+    assert export(run_dir / "dpo", out, "--gguf") == 0
+    assert (out / "model.safetensors").is_file() and "model.gguf" in (out / "README.md").read_text()
+
+    chain, tokenizer = load_stage_model(run_dir / "dpo", dtype=torch.float32)
+    prompts = held_out_ids(tiny_world, tokenizer)
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    assert max_difference(logits_of(from_gguf, prompts), logits_of(chain, prompts)) < TOLERANCE
+
+    gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    for text in ("Where does Nozan live? Nozan lives in Varn.", "naïve café 😀  two  spaces\nand a line",
+                 "3 plus 4 is 7.", " leading space"):
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+    fields = gguf_fields(out / "model.gguf")
+    renderer = ChatRenderer(tokenizer)
+    assert fields["general.architecture"] == "llama" and fields["general.name"] == f"{run_dir.name}-dpo"
+    assert fields["tokenizer.ggml.eot_token_id"] == renderer.end_of_turn
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    control = [fields["tokenizer.ggml.tokens"][i] for i, kind in enumerate(fields["tokenizer.ggml.token_type"])
+               if kind == 3]
+    assert set(control) == set(tokenizer.all_special_tokens)  # user text can never become one in llama.cpp
+    template = fields["tokenizer.chat_template"]
+    assert "{% generation" not in template and "endgeneration" not in template  # tags only TRL knows
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Nozan live?"},
+                {"role": "assistant", "content": "Nozan lives in Varn."}, {"role": "user", "content": "And Bela?"}]
+    assert tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True) \
+        == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert set(fields["tensor_types"].values()) == {"F32"} and "output.weight" not in fields["tensor_types"]  # tied
+
+
+@pytest.mark.parametrize("dtype, kind", [("float16", "F16"), ("bfloat16", "BF16")])
+def test_gguf_export_writes_the_asked_dtype(dpo_run, tmp_path, dtype, kind):
+    """Matrices in the dtype asked for, norms in float32 as llama.cpp keeps them; the weights read back exactly."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = dpo_run
+    out = tmp_path / dtype
+    assert export(run_dir / "sft", out, "--gguf", "--dtype", dtype) == 0
+    types = gguf_fields(out / "model.gguf")["tensor_types"]
+    assert types["blk.0.attn_q.weight"] == kind and types["token_embd.weight"] == kind
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    state = from_gguf.state_dict()
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        for name in weights.keys():
+            assert torch.equal(weights.get_tensor(name).float(), state[name]), name
+
+
+def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, base_run, tmp_path, capsys):
+    run_dir, _ = dpo_run
+    assert "does not go with --adapter-only" in one_line_error(capsys, run_dir / "dpo", tmp_path / "a", "--gguf",
+                                                               "--adapter-only")
+    # a Gemma base: refused before any folder is written, pointing at llama.cpp's converter
+    err = one_line_error(capsys, base_run / "sft", tmp_path / "b", "--gguf")
+    assert "this model is gemma2" in err and "convert_hf_to_gguf.py" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,152 @@
+"""A causal LM as one GGUF file, the format llama.cpp, ollama and LM Studio run.
+
+Written with the `gguf` package (llama.cpp's own writer); the tensor names come from its name map.
+What is by hand, and why: llama.cpp's converter (convert_hf_to_gguf.py) is a script in its
+repository, not a package, so the few steps it takes for the architectures we train are repeated here:
+- Llama's q_proj and k_proj rows are reordered from transformers' rotate-half rotary layout to
+  the interleaved pairs llama.cpp rotates (`_permute`; transformers' GGUF loader undoes it);
+- the vocabulary goes in as llama.cpp's byte-level BPE ("gpt2"): the tokens as tokenizer.json
+  spells them, the merges, and the special tokens marked as control tokens, so text never
+  turns into one; the end-of-turn token is the end-of-generation token, and the chat template
+  travels in the file.
+
+Only Llama, the architecture `pretrain` builds, is written; anything else gets a clear error
+naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+ARCHITECTURES = {"llama": "LLAMA"}  # transformers model_type -> gguf.MODEL_ARCH member
+# the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
+# keeps them)
+TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+
+
+def require_writable(model_type: str) -> None:
+    """One clear line for an architecture this module does not write."""
+    if model_type not in ARCHITECTURES:
+        raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds); this "
+                            f"model is {model_type}. Export it without --gguf and convert that folder with "
+                            "llama.cpp's convert_hf_to_gguf.py")
+
+
+def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str) -> None:
+    """Write `model` (a merged causal LM) and its tokenizer to `path`, its weights in the model's dtype;
+    `name` is what llama.cpp and ollama show as the model's name."""
+    import gguf
+
+    config = model.config
+    require_writable(config.model_type)
+    arch_name = ARCHITECTURES[config.model_type]
+    tensor_type = TENSOR_TYPES.get(model.dtype)
+    if tensor_type is None:
+        raise PipelineError(f"GGUF export writes float32, float16 or bfloat16 weights, not {model.dtype}")
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(name)
+    _hyperparameters(writer, config, getattr(gguf.LlamaFileType, FILE_TYPES[tensor_type]))
+    _vocabulary(writer, tokenizer, config.vocab_size, end_of_turn_id)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for hf_name, tensor in _tensors(model):
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise PipelineError(f"GGUF export: no GGUF name for the tensor {hf_name}")
+        data = tensor.detach().to("cpu")
+        if data.ndim == 1 or tensor_type == "F32":
+            writer.add_tensor(gguf_name, data.float().numpy())
+        elif tensor_type == "F16":
+            writer.add_tensor(gguf_name, data.half().numpy())
+        else:  # numpy has no bfloat16: the raw 16-bit words, typed BF16
+            writer.add_tensor(gguf_name, data.bfloat16().view(torch.int16).numpy(),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _hyperparameters(writer, config, file_type) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise PipelineError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not written; export without "
+                            "--gguf and convert with llama.cpp's convert_hf_to_gguf.py")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+
+
+def _tensors(model):
+    """(transformers name, tensor) in file order; q/k rows permuted for llama.cpp's rotary; no tied output copy."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # llama.cpp reads the embedding matrix when the file has no output.weight
+        if name.endswith("self_attn.q_proj.weight"):
+            tensor = _permute(tensor, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            tensor = _permute(tensor, kv_heads)
+        yield name, tensor
+
+
+def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from (first halves, second halves) to interleaved pairs, as llama.cpp's converter does."""
+    rows = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, rows, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) -> None:
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = backend["model"], backend.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise PipelineError("GGUF export writes a byte-level BPE vocabulary with GPT-2's word split (what the "
+                            f"tokenizer stage trains); this tokenizer is {model.get('type')} with pre-tokenizer "
+                            f"{pre.get('type')}")
+    ids = [*model["vocab"].values(), *(added["id"] for added in backend.get("added_tokens") or [])]
+    if max(ids) >= vocab_size:
+        raise PipelineError(f"GGUF export: the tokenizer has token id {max(ids)}, past the model's {vocab_size} "
+                            "embedding rows")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows the vocabulary does not fill, as llama.cpp pads them
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, index in model["vocab"].items():
+        tokens[index], types[index] = token, gguf.TokenType.NORMAL
+    for added in backend.get("added_tokens") or []:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which ByteLevel(use_regex=True) applies
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id),
+                          (end_of_turn_id, writer.add_eot_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(False)  # the chat template writes the begin-of-text token itself
+    if tokenizer.chat_template:
+        # {% generation %} only marks the trained tokens for TRL; llama.cpp's template engine does not know the tag
+        writer.add_chat_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template))
