@@ -294,3 +294,36 @@ def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, base_run,
     err = one_line_error(capsys, base_run / "sft", tmp_path / "b", "--gguf")
     assert "this model is gemma2" in err and "convert_hf_to_gguf.py" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_cpp_runs_the_gguf_export_like_transformers(dpo_run, tmp_path):
+    """llama.cpp itself (through llama-cpp-python) on the exported file: the tokenizer's ids, logits within float
+    rounding of transformers' on a prompt and llama.cpp's own greedy reply, and a chat completion through the file's
+    chat template that stops at the end-of-turn token."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python "
+                                    "(builds llama.cpp from source, about 8 minutes on 2 cores)")
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = dpo_run
+    out = tmp_path / "gguf"
+    assert export(run_dir / "dpo", out, "--gguf") == 0
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    for text in ("Where does Nozan live? Nozan lives in Varn.", "naïve café 😀  two  spaces\nand a line"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+
+    messages = [{"role": "user", "content": "Where does Nozan live?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt  # control tokens whole
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=12)["choices"][0]
+    reply_ids = tokenizer(reply["message"]["content"])["input_ids"][:12]
+    sequence = prompt + reply_ids
+    llm.reset()
+    llm.eval(sequence)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([sequence])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(sequence)]) - expected).max() < 1e-2
+    if reply["finish_reason"] == "stop":  # it ended the turn: transformers' next token there is the end of turn
+        assert expected[-1].argmax() in (tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id)
