@@ -12,6 +12,8 @@ repository, not a package, so the few steps it takes for the architectures we tr
 
 Only Llama, the architecture `pretrain` builds, is written; anything else gets a clear error
 naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
+tests/test_export.py reads the file back with transformers' GGUF loader and, where llama-cpp-python
+is installed, runs it in llama.cpp (ids, logits, a chat reply through the file's template).
 """
 
 from __future__ import annotations
@@ -101,9 +103,9 @@ def _tensors(model):
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reads the embedding matrix when the file has no output.weight
-        if name.endswith("self_attn.q_proj.weight"):
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             tensor = _permute(tensor, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             tensor = _permute(tensor, kv_heads)
         yield name, tensor
 

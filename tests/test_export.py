@@ -327,3 +327,32 @@ def test_llama_cpp_runs_the_gguf_export_like_transformers(dpo_run, tmp_path):
     assert np.abs(np.array(llm.scores[: len(sequence)]) - expected).max() < 1e-2
     if reply["finish_reason"] == "stop":  # it ended the turn: transformers' next token there is the end of turn
         assert expected[-1].argmax() in (tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id)
+
+
+def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head(dpo_run, tmp_path):
+    """Shapes pretrain does not build by default, through the same writer: 2 key/value heads for 4 query heads
+    (q and k rows permuted by their own head counts), q/k/v biases (permuted too), lm_head separate from the
+    embeddings (written as output.weight). transformers' GGUF loader drops attention biases, so llama.cpp judges."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    import numpy as np
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.gguf_export import write_gguf
+
+    run_dir, _ = dpo_run
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_()  # a zero bias would hide a missed permutation
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "shapes")
+    ids = tokenizer("Where does Nozan live? Nozan lives in Varn.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=64, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3
