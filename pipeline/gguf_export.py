@@ -5,15 +5,18 @@ What is by hand, and why: llama.cpp's converter (convert_hf_to_gguf.py) is a scr
 repository, not a package, so the few steps it takes for the architectures we train are repeated here:
 - Llama's q_proj and k_proj rows are reordered from transformers' rotate-half rotary layout to
   the interleaved pairs llama.cpp rotates (`_permute`; transformers' GGUF loader undoes it);
+- Gemma-2's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), and its queries carry the
+  difference between transformers' 1/sqrt(query_pre_attn_scalar) and llama.cpp's 1/sqrt(head_dim) score scale;
 - the vocabulary goes in as llama.cpp's byte-level BPE ("gpt2"): the tokens as tokenizer.json
   spells them, the merges, and the special tokens marked as control tokens, so text never
   turns into one; the end-of-turn token is the end-of-generation token, and the chat template
   travels in the file.
 
-Only Llama, the architecture `pretrain` builds, is written; anything else gets a clear error
-naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
-tests/test_export.py reads the file back with transformers' GGUF loader and, where llama-cpp-python
-is installed, runs it in llama.cpp (ids, logits, a chat reply through the file's template).
+Llama and Gemma-2, the architectures `pretrain` builds, are written with their byte-level vocabulary; anything else
+(a Gemma base with its SentencePiece vocabulary) gets a clear error naming llama.cpp's converter, which handles the
+rest from the merged folder `pipeline export` writes.
+tests/test_export.py reads a Llama file back with transformers' GGUF loader and, where llama-cpp-python
+is installed, runs both architectures in llama.cpp (ids, logits, a chat reply through the file's template).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from pipeline.errors import PipelineError
 
-ARCHITECTURES = {"llama": "LLAMA"}  # transformers model_type -> gguf.MODEL_ARCH member
+ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2"}  # transformers model_type -> gguf.MODEL_ARCH member
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -36,7 +39,7 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
 def require_writable(model_type: str) -> None:
     """One clear line for an architecture this module does not write."""
     if model_type not in ARCHITECTURES:
-        raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds); this "
+        raise PipelineError(f"GGUF export writes {' and '.join(ARCHITECTURES)} models (what pretrain builds); this "
                             f"model is {model_type}. Export it without --gguf and convert that folder with "
                             "llama.cpp's convert_hf_to_gguf.py")
 
@@ -93,16 +96,39 @@ def _hyperparameters(writer, config, file_type) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
+    if config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
+        unset = [key for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
+                 if not getattr(config, key, None)]
+        if unset:  # llama.cpp puts its own defaults (50, 30, 4096) where the file names none: other logits
+            raise PipelineError(f"GGUF export: this Gemma-2 model has no {', '.join(unset)}, which llama.cpp "
+                                "always applies; it would compute other logits there")
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
 
 
 def _tensors(model):
-    """(transformers name, tensor) in file order; q/k rows permuted for llama.cpp's rotary; no tied output copy."""
+    """(transformers name, tensor) in file order, as llama.cpp computes with them; no tied output copy."""
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tied = getattr(config, "tie_word_embeddings", False)
+    gemma = config.model_type == "gemma2"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reads the embedding matrix when the file has no output.weight
+        if gemma:
+            if name.endswith("norm.weight"):
+                tensor = tensor.float() + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by the stored w
+            elif name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")) \
+                    and config.query_pre_attn_scalar != head_dim:
+                # llama.cpp scales the scores by 1/sqrt(head_dim); transformers by 1/sqrt(query_pre_attn_scalar):
+                # the queries carry the difference, so the scores (and their softcap) come out the same
+                tensor = tensor * (head_dim / config.query_pre_attn_scalar) ** 0.5
+            yield name, tensor  # rotary in llama.cpp's NEOX order, which is transformers' own: no permutation
+            continue
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             tensor = _permute(tensor, heads)
         elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):

@@ -286,28 +286,65 @@ def test_gguf_export_writes_the_asked_dtype(dpo_run, tmp_path, dtype, kind):
             assert torch.equal(weights.get_tensor(name).float(), state[name]), name
 
 
-def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, base_run, tmp_path, capsys):
+def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, tmp_path, capsys):
     run_dir, _ = dpo_run
     assert "does not go with --adapter-only" in one_line_error(capsys, run_dir / "dpo", tmp_path / "a", "--gguf",
                                                                "--adapter-only")
-    # a Gemma base: refused before any folder is written, pointing at llama.cpp's converter
-    err = one_line_error(capsys, base_run / "sft", tmp_path / "b", "--gguf")
-    assert "this model is gemma2" in err and "convert_hf_to_gguf.py" in err
-    assert list(tmp_path.iterdir()) == []
+    # an architecture it does not write: refused from config.json, before any weights are loaded or written
+    other = tmp_path / "run" / "pretrain"
+    other.mkdir(parents=True)
+    (other / "stage.json").write_text(json.dumps({"stage": "pretrain", "status": "done"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    err = one_line_error(capsys, other, tmp_path / "b", "--gguf")
+    assert "this model is qwen2" in err and "convert_hf_to_gguf.py" in err
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob("b.tmp-*"))
 
 
-def test_llama_cpp_runs_the_gguf_export_like_transformers(dpo_run, tmp_path):
+def test_gguf_export_of_a_gemma2_model_stores_what_llama_cpp_computes_with(base_run, tmp_path):
+    """Gemma-2 (a Gemma-2 base with a byte-level vocabulary, then sft): norms as 1 + w, queries scaled by
+    sqrt(head_dim / query_pre_attn_scalar) (llama.cpp scales scores by 1/sqrt(head_dim)), the softcaps and window."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    out = tmp_path / "gemma2"
+    assert export(base_run / "sft", out, "--gguf") == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.query_pre_attn_scalar != config.head_dim  # the case the scaling is for
+
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "gemma2" and fields["gemma2.attention.key_length"] == config.head_dim
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(config.attn_logit_softcapping)
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(config.final_logit_softcapping)
+    assert fields["gemma2.attention.sliding_window"] == config.sliding_window
+    stored = {t.name: torch.from_numpy(t.data.copy()).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        norm = weights.get_tensor("model.layers.0.input_layernorm.weight").float()
+        query = weights.get_tensor("model.layers.0.self_attn.q_proj.weight").float()
+        key = weights.get_tensor("model.layers.0.self_attn.k_proj.weight").float()
+    assert torch.equal(stored["blk.0.attn_norm.weight"], norm + 1)
+    scale = (config.head_dim / config.query_pre_attn_scalar) ** 0.5
+    assert torch.allclose(stored["blk.0.attn_q.weight"], query * scale)
+    assert torch.equal(stored["blk.0.attn_k.weight"], key)  # no rotary permutation: llama.cpp's NEOX order
+
+
+@pytest.mark.parametrize("chain", ["llama: pretrain, sft, dpo", "gemma2: base, sft"])
+def test_llama_cpp_runs_the_gguf_export_like_transformers(chain, request, tmp_path):
     """llama.cpp itself (through llama-cpp-python) on the exported file: the tokenizer's ids, logits within float
-    rounding of transformers' on a prompt and llama.cpp's own greedy reply, and a chat completion through the file's
-    chat template that stops at the end-of-turn token."""
+    rounding of transformers' (llama.cpp keeps its attention cache in float16) on a prompt and llama.cpp's own greedy
+    reply, and a chat completion through the file's chat template that stops at the end-of-turn token."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python "
                                     "(builds llama.cpp from source, about 8 minutes on 2 cores)")
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir, _ = dpo_run
+    from pipeline.chat_template import ChatRenderer
+
+    stage = request.getfixturevalue("dpo_run")[0] / "dpo" if chain.startswith("llama") \
+        else request.getfixturevalue("base_run") / "sft"
     out = tmp_path / "gguf"
-    assert export(run_dir / "dpo", out, "--gguf") == 0
+    assert export(stage, out, "--gguf") == 0
     llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
     for text in ("Where does Nozan live? Nozan lives in Varn.", "naïve café 😀  two  spaces\nand a line"):
@@ -326,7 +363,7 @@ def test_llama_cpp_runs_the_gguf_export_like_transformers(dpo_run, tmp_path):
         expected = model(input_ids=torch.tensor([sequence])).logits[0].numpy()
     assert np.abs(np.array(llm.scores[: len(sequence)]) - expected).max() < 1e-2
     if reply["finish_reason"] == "stop":  # it ended the turn: transformers' next token there is the end of turn
-        assert expected[-1].argmax() in (tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id)
+        assert expected[-1].argmax() in (ChatRenderer(tokenizer).end_of_turn, tokenizer.eos_token_id)
 
 
 def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head(dpo_run, tmp_path):
