@@ -191,9 +191,7 @@ def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], d
                       "LM Studio; generation ends at the end-of-turn token (the file's end-of-turn id).", "",
                       "```sh", f"llama-cli -m OUT/{GGUF_FILE} -cnv          # llama.cpp, with the chat template",
                       f"printf 'FROM ./{GGUF_FILE}\\n' > OUT/Modelfile && ollama create my-model -f OUT/Modelfile",
-                      "```", "",
-                      "transformers reads it too: `AutoModelForCausalLM.from_pretrained(\"OUT\", "
-                      f"gguf_file=\"{GGUF_FILE}\")`.", ""]
+                      "```", ""]
     lines += ["## Stages", ""]
     for stage in [*(record.get("upstream") or {}), name]:
         stage_record = record if stage == name else read_json(run_dir / stage / "stage.json") or {}
