@@ -79,8 +79,12 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
     writer.close()
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _hyperparameters(writer, config, file_type) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise PipelineError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not written; export without "
@@ -114,8 +118,7 @@ def _tensors(model):
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tied = getattr(config, "tie_word_embeddings", False)
-    gemma = config.model_type == "gemma2"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    gemma, head_dim = config.model_type == "gemma2", _head_dim(config)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reads the embedding matrix when the file has no output.weight
