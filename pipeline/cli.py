@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an absolute path); parent is written even for a single adapter, so OUT is self-contained")
     export.add_argument("--gguf", action="store_true",
                         help="also write OUT/model.gguf: the merged weights (in --dtype; vectors stay float32), the "
-                        "vocabulary and the chat template for llama.cpp, ollama and LM Studio (Llama and Gemma-2 "
-                        "models pretrained here; convert other bases with llama.cpp's convert_hf_to_gguf.py)")
+                        "vocabulary and the chat template for llama.cpp, ollama and LM Studio (models pretrained here, "
+                        "Gemma-2 and Gemma-3 bases; convert other architectures with llama.cpp's "
+                        "convert_hf_to_gguf.py)")
     export.set_defaults(func=_cmd_export)
 
     data = verbs.add_parser("data", help="built-in data and data audits")
