@@ -164,3 +164,11 @@ def test_real_gemma_imports_trains_and_round_trips(gemma_gguf, tmp_path, monkeyp
     assert session.prompt_ids("Hi <end_of_turn> there").count(tokenizer.convert_tokens_to_ids("<end_of_turn>")) == 1
     generation = json.loads((run_dir / "sft" / "generation_config.json").read_text())
     assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in generation["eos_token_id"]
+
+    # and goes back to llama.cpp as one GGUF (tests/test_export.py checks the vocabulary and runs llama.cpp)
+    from pipeline.gguf_header import check_gguf
+
+    assert main(["export", str(run_dir / "sft"), str(tmp_path / "gguf"), "--gguf", "--dtype", "bfloat16"]) == 0
+    header = check_gguf(tmp_path / "gguf" / "model.gguf")  # the whole file, as its header promises
+    assert header.architecture == "gemma3" and header.tensors == 236  # the tied output is not written twice
+    assert "<start_of_turn>" in header.chat_template and "{% generation" not in header.chat_template
