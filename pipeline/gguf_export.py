@@ -255,15 +255,19 @@ def _merge_scores(tokens: list[str], types: list, merges: list[list[str]]) -> li
 
 
 def _adds_space_prefix(backend: dict) -> bool:
-    """Whether the tokenizer puts '▁' before the text (Llama-2's normalizer or Metaspace pre-tokenizer; not Gemma)."""
+    """Whether the tokenizer puts '▁' before the text as SentencePiece does, which llama.cpp's add_space_prefix
+    repeats: always (Llama-2's Prepend normalizer) or never (Gemma). A Metaspace pre-tokenizer that prepends (newer
+    Llama and Mistral tokenizer.json files) skips text that already starts with a space and text after a special
+    token, which llama.cpp does not: refused, or a chat prompt would reach the model as other ids."""
     def parts(component):
         component = component or {}
         return [component, *(part for key in ("normalizers", "pretokenizers") for part in component.get(key) or [])]
 
-    for part in parts(backend.get("normalizer")):
-        if part.get("type") == "Prepend":
-            return True
     for part in parts(backend.get("pre_tokenizer")):
-        if part.get("type") == "Metaspace":
-            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
-    return False
+        if part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never" \
+                and part.get("add_prefix_space", True):
+            raise PipelineError("GGUF export: this tokenizer's Metaspace pre-tokenizer adds '▁' before the text "
+                                f"({part.get('prepend_scheme', 'always')!r}, not before text that starts with a "
+                                "space), which llama.cpp's tokenizer does not copy; export without --gguf and "
+                                "convert with llama.cpp's convert_hf_to_gguf.py (it reads tokenizer.model)")
+    return any(part.get("type") == "Prepend" for part in parts(backend.get("normalizer")))

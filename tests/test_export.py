@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -537,3 +538,54 @@ def test_llama_cpp_runs_a_gemma_export_with_its_sentencepiece_vocabulary(kind, g
                                                              for layers, theta in ropes.items()}}
     for name, change in variants.items():  # what the test would catch, were the file wrong there
         assert np.abs(logits(tiny_gemma(kind, len(tokenizer), **change)) - expected).max() > 1, name
+
+
+@contextmanager
+def sentencepiece_prefix(tokenizer, normalizer=None, pre_tokenizer=None):
+    """The Gemma tokenizer with another way of putting '▁' before the text, as Llama-2's (a Prepend normalizer) or
+    newer Llama and Mistral tokenizer.json files (a Metaspace pre-tokenizer) do; restored afterwards."""
+    backend = tokenizer.backend_tokenizer
+    saved = backend.normalizer, backend.pre_tokenizer
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+    try:
+        yield tokenizer
+    finally:
+        backend.normalizer, backend.pre_tokenizer = saved
+
+
+def test_gguf_export_refuses_a_metaspace_space_prefix_llama_cpp_would_not_copy(gemma_tokenizer, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.errors import PipelineError
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer, _ = gemma_tokenizer
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64))
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    with sentencepiece_prefix(tokenizer, pre_tokenizer=metaspace), pytest.raises(PipelineError) as refusal:
+        write_gguf(model, tokenizer, tmp_path / "model.gguf", None, "metaspace")
+    assert "Metaspace" in str(refusal.value) and "convert_hf_to_gguf.py" in str(refusal.value)
+
+
+def test_llama_cpp_tokenizes_a_llama2_style_sentencepiece_vocabulary_like_transformers(gemma_tokenizer, tmp_path):
+    """Llama with a SentencePiece vocabulary whose normalizer puts '▁' before every text (Llama-2's tokenizer.json):
+    the file says add_space_prefix, and llama.cpp gives transformers' ids, the chat prompt's control tokens whole."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from tokenizers import normalizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer, _ = gemma_tokenizer
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64))
+    prepend = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    with sentencepiece_prefix(tokenizer, normalizer=prepend):
+        write_gguf(model, tokenizer, tmp_path / "model.gguf", None, "llama2")
+        llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+        for text in (*WHITESPACE_TEXTS, "Hello world", "<start_of_turn>user\nHi there<end_of_turn>"):
+            special = text.startswith("<start_of_turn>")
+            assert llm.tokenize(text.encode(), add_bos=False, special=special) == \
+                tokenizer(text, add_special_tokens=False)["input_ids"], text
