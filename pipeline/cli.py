@@ -239,9 +239,11 @@ def _cmd_export(args) -> int:
     run_dir = Path(args.stage).parent
     # not while a `pipeline run` rewrites the chain it merges (a stage outside a run folder has no such writer)
     with run_folder_lock(run_dir) if (run_dir / "recipe.yaml").is_file() else nullcontext():
-        out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only, gguf=args.gguf)
+        out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only, gguf=args.gguf,
+                           gguf_quantization=args.gguf_quant)
+    gguf = args.gguf or args.gguf_quant
     print(f"exported {args.stage} to {out}" + (" (adapter; the model it stands on in parent/)" if args.adapter_only
-                                                else f" (and {out}/model.gguf for llama.cpp)" if args.gguf else ""))
+                                                else f" (and {out}/model.gguf for llama.cpp)" if gguf else ""))
     return 0
 
 
@@ -378,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocabulary and the chat template for llama.cpp, ollama and LM Studio (models pretrained here, "
                         "Gemma-2 and Gemma-3 bases; convert other architectures with llama.cpp's "
                         "convert_hf_to_gguf.py)")
+    export.add_argument("--gguf-quant", choices=["q8_0"],
+                        help="write OUT/model.gguf (implies --gguf) with its matrices quantized: q8_0 = 8 bits per "
+                        "weight in blocks of 32 with a scale each, about half of float16's size (llama.cpp's "
+                        "`convert_hf_to_gguf.py --outtype q8_0`); for 4- to 6-bit k-quants run llama.cpp's "
+                        "llama-quantize on the file")
     export.set_defaults(func=_cmd_export)
 
     data = verbs.add_parser("data", help="built-in data and data audits")

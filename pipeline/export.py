@@ -46,10 +46,12 @@ GGUF_FILE = "model.gguf"
 
 
 def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = None, adapter_only: bool = False,
-                 gguf: bool = False) -> Path:
-    """Write the stage's model to `out` (see the module doc); `dtype` None keeps the dtype the run loads it in."""
+                 gguf: bool = False, gguf_quantization: str | None = None) -> Path:
+    """Write the stage's model to `out` (see the module doc); `dtype` None keeps the dtype the run loads it in;
+    `gguf_quantization` ("q8_0") quantizes the GGUF's matrices and implies `gguf`."""
     stage_dir, out = Path(stage_dir), Path(out)
     record = finished_model_stage(stage_dir)
+    gguf = gguf or gguf_quantization is not None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"{out} already exists and is not empty; give a new folder (nothing is overwritten)")
     base, adapters, _ = lineage_of(stage_dir)
@@ -97,10 +99,10 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             tmp.mkdir(parents=True)
             if gguf:  # first: a model it cannot write is refused before the folder's gigabytes are
                 write_gguf(model, tokenizer, tmp / GGUF_FILE, ChatRenderer(tokenizer).end_of_turn,
-                           name=f"{stage_dir.resolve().parent.name}-{record['stage']}")
+                           name=f"{stage_dir.resolve().parent.name}-{record['stage']}", quantization=gguf_quantization)
             _save_full(model, tokenizer, tmp)
         card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only,
-                          reward, gguf)
+                          reward, gguf, gguf_quantization)
         atomic_write_text(tmp / "README.md", card)
         fsync_tree(tmp)
         try:
@@ -152,7 +154,7 @@ def _save_full(model, tokenizer, folder: Path) -> None:
 
 
 def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool,
-               reward: bool = False, gguf: bool = False) -> str:
+               reward: bool = False, gguf: bool = False, gguf_quantization: str | None = None) -> str:
     """README.md: where the weights come from (base, adapters in order), and each stage's data and metrics."""
     run_dir = stage_dir.resolve().parent
     hub_base = not Path(base).exists()
@@ -187,7 +189,8 @@ def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], d
                   'tokenizer = AutoTokenizer.from_pretrained("OUT")  # with its chat template', "```", "",
                   "`generation_config.json` stops at the end-of-turn token.", ""]
         if gguf:
-            lines += [f"`{GGUF_FILE}` holds the same weights, vocabulary and chat template for llama.cpp, ollama and "
+            weights = f"weights ({gguf_quantization.upper()}: 8-bit matrices)" if gguf_quantization else "weights"
+            lines += [f"`{GGUF_FILE}` holds the same {weights}, vocabulary and chat template for llama.cpp, ollama and "
                       "LM Studio; generation ends at the end-of-turn token (the file's end-of-turn id).", "",
                       "```sh", f"llama-cli -m OUT/{GGUF_FILE} -cnv          # llama.cpp, with the chat template",
                       f"printf 'FROM ./{GGUF_FILE}\\n' > OUT/Modelfile && ollama create my-model -f OUT/Modelfile",

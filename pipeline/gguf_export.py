@@ -35,7 +35,10 @@ GEMMA = ("gemma2", "gemma3_text")
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
+# what `quantization` may ask for: the types gguf's own quantizer writes that llama.cpp's converter offers (its
+# --outtype); the k-quants (Q4_K_M, ...) are llama.cpp's llama-quantize tool's job, run on the file this writes
+QUANTIZATIONS = {"q8_0": "Q8_0"}
 
 
 def require_writable(model_type: str) -> None:
@@ -46,8 +49,10 @@ def require_writable(model_type: str) -> None:
                             "folder with llama.cpp's convert_hf_to_gguf.py")
 
 
-def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str) -> None:
-    """Write `model` (a merged causal LM) and its tokenizer to `path`, its weights in the model's dtype;
+def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str,
+               quantization: str | None = None) -> None:
+    """Write `model` (a merged causal LM) and its tokenizer to `path`, its matrices in the model's dtype or, with
+    `quantization` ("q8_0"), quantized (a matrix whose rows do not split into 32-value blocks stays in the dtype);
     `name` is what llama.cpp and ollama show as the model's name."""
     import gguf
 
@@ -57,10 +62,14 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
     tensor_type = TENSOR_TYPES.get(model.dtype)
     if tensor_type is None:
         raise PipelineError(f"GGUF export writes float32, float16 or bfloat16 weights, not {model.dtype}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise PipelineError(f"GGUF export quantizes to {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    quantized = getattr(gguf.GGMLQuantizationType, QUANTIZATIONS[quantization]) if quantization else None
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
-    _hyperparameters(writer, config, getattr(gguf.LlamaFileType, FILE_TYPES[tensor_type]))
+    file_type = FILE_TYPES[quantized.name if quantized is not None else tensor_type]
+    _hyperparameters(writer, config, getattr(gguf.LlamaFileType, file_type))
     _vocabulary(writer, tokenizer, config.vocab_size, end_of_turn_id)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for hf_name, tensor in _tensors(model):
@@ -68,7 +77,10 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
         if gguf_name is None:
             raise PipelineError(f"GGUF export: no GGUF name for the tensor {hf_name}")
         data = tensor.detach().to("cpu")
-        if data.ndim == 1 or tensor_type == "F32":
+        block = gguf.GGML_QUANT_SIZES[quantized][0] if quantized is not None else 0
+        if data.ndim == 2 and block and data.shape[-1] % block == 0:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data.float().numpy(), quantized), raw_dtype=quantized)
+        elif data.ndim == 1 or tensor_type == "F32":
             writer.add_tensor(gguf_name, data.float().numpy())
         elif tensor_type == "F16":
             writer.add_tensor(gguf_name, data.half().numpy())

@@ -287,6 +287,35 @@ def test_gguf_export_writes_the_asked_dtype(dpo_run, tmp_path, dtype, kind):
             assert torch.equal(weights.get_tensor(name).float(), state[name]), name
 
 
+def test_gguf_export_quantized_to_q8_0_reads_back_close_to_the_chain(dpo_run, tiny_world, tmp_path):
+    """--gguf-quant q8_0: every matrix in 8-bit blocks (norms float32), the file about half a float16 one, and the
+    logits transformers' GGUF loader gets from it within the rounding of 8 bits of the chain's (scale ~15)."""
+    import numpy as np
+
+    from pipeline.models import load_stage_model
+
+    run_dir, _ = dpo_run
+    assert export(run_dir / "dpo", tmp_path / "q8", "--gguf-quant", "q8_0") == 0
+    assert export(run_dir / "dpo", tmp_path / "f16", "--gguf", "--dtype", "float16") == 0
+    types = gguf_fields(tmp_path / "q8" / "model.gguf")["tensor_types"]
+    matrices = {kind for name, kind in types.items() if not name.endswith("norm.weight")}
+    assert matrices == {"Q8_0"} and types["blk.0.attn_norm.weight"] == "F32"
+    size = (tmp_path / "q8" / "model.gguf").stat().st_size / (tmp_path / "f16" / "model.gguf").stat().st_size
+    assert 0.5 < size < 0.6, size
+    assert "Q8_0" in (tmp_path / "q8" / "README.md").read_text()
+
+    from transformers import AutoModelForCausalLM
+
+    chain, tokenizer = load_stage_model(run_dir / "dpo", dtype=torch.float32)
+    prompts = held_out_ids(tiny_world, tokenizer)
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "q8", gguf_file="model.gguf", dtype=torch.float32)
+    expected, got = logits_of(chain, prompts), logits_of(from_gguf, prompts)
+    difference = max_difference(got, expected)
+    assert 1e-4 < difference < 0.2, difference  # quantized (not the float weights), and close
+    agree = np.mean([float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(got, expected)])
+    assert agree > 0.95, agree
+
+
 def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, tmp_path, capsys):
     run_dir, _ = dpo_run
     assert "does not go with --adapter-only" in one_line_error(capsys, run_dir / "dpo", tmp_path / "a", "--gguf",
