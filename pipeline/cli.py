@@ -377,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an absolute path); parent is written even for a single adapter, so OUT is self-contained")
     export.add_argument("--gguf", action="store_true",
                         help="also write OUT/model.gguf: the merged weights (in --dtype; vectors stay float32), the "
-                        "vocabulary and the chat template for llama.cpp, ollama and LM Studio (models pretrained here, "
-                        "Gemma-2 and Gemma-3 bases; convert other architectures with llama.cpp's "
-                        "convert_hf_to_gguf.py)")
+                        "vocabulary and the chat template for llama.cpp, ollama and LM Studio (Llama, Gemma-2 and "
+                        "Gemma-3: the models pretrained here and such bases; convert other architectures with "
+                        "llama.cpp's convert_hf_to_gguf.py)")
     export.add_argument("--gguf-quant", choices=["q8_0"],
                         help="write OUT/model.gguf (implies --gguf) with its matrices quantized: q8_0 = 8 bits per "
                         "weight in blocks of 32 with a scale each, about half of float16's size (llama.cpp's "
