@@ -15,7 +15,7 @@ reward LoRA merged, and the trained score head): `AutoModelForSequenceClassifica
 scores a rendered prompt + reply at its last token that is not padding, as the reward stage did.
 
 With `gguf`, the merged folder also holds model.gguf, the same weights for llama.cpp, ollama and
-LM Studio (pipeline/gguf_export.py).
+LM Studio (pipeline/gguf_export.py), and for our chat templates an ollama Modelfile (pipeline/ollama.py).
 
 OUT is built in a sibling folder and renamed into place, so a crash never leaves half of it.
 """
@@ -33,9 +33,10 @@ from pipeline.artifacts import atomic_write_text, fsync_tree, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
-from pipeline.gguf_export import require_writable, write_gguf
+from pipeline.gguf_export import adds_bos, require_writable, write_gguf
 from pipeline.lineage import lineage_head
 from pipeline.models import lineage_of, load_stage_model
+from pipeline.ollama import modelfile
 from pipeline.rewards import HEAD as REWARD_HEAD
 from pipeline.rewards import load_reward_model
 
@@ -43,6 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 NO_MODEL = ("tokenizer", "eval")  # stages whose folder holds no model
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 GGUF_FILE = "model.gguf"
+MODELFILE = "Modelfile"  # ollama's: the chat template in its own language (pipeline/ollama.py)
 
 
 def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = None, adapter_only: bool = False,
@@ -98,11 +100,16 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             model, tokenizer = load_stage_model(stage_dir, dtype=DTYPES.get(dtype), merge_all=True)
             tmp.mkdir(parents=True)
             if gguf:  # first: a model it cannot write is refused before the folder's gigabytes are
-                write_gguf(model, tokenizer, tmp / GGUF_FILE, ChatRenderer(tokenizer).end_of_turn,
+                end_of_turn = ChatRenderer(tokenizer).end_of_turn
+                write_gguf(model, tokenizer, tmp / GGUF_FILE, end_of_turn,
                            name=f"{stage_dir.resolve().parent.name}-{record['stage']}", quantization=gguf_quantization)
+                ollama = modelfile(GGUF_FILE, tokenizer.chat_template, tokenizer.bos_token,
+                                   not adds_bos(tokenizer), tokenizer.convert_ids_to_tokens(end_of_turn))
+                if ollama:
+                    atomic_write_text(tmp / MODELFILE, ollama)
             _save_full(model, tokenizer, tmp)
         card = model_card(stage_dir, record, base, adapters, str(model.dtype).removeprefix("torch."), adapter_only,
-                          reward, gguf, gguf_quantization)
+                          reward, gguf, gguf_quantization, (tmp / MODELFILE).is_file())
         atomic_write_text(tmp / "README.md", card)
         fsync_tree(tmp)
         try:
@@ -154,7 +161,8 @@ def _save_full(model, tokenizer, folder: Path) -> None:
 
 
 def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], dtype: str, adapter_only: bool,
-               reward: bool = False, gguf: bool = False, gguf_quantization: str | None = None) -> str:
+               reward: bool = False, gguf: bool = False, gguf_quantization: str | None = None,
+               ollama_modelfile: bool = False) -> str:
     """README.md: where the weights come from (base, adapters in order), and each stage's data and metrics."""
     run_dir = stage_dir.resolve().parent
     hub_base = not Path(base).exists()
@@ -193,8 +201,13 @@ def model_card(stage_dir: Path, record: dict, base: str, adapters: list[Path], d
             lines += [f"`{GGUF_FILE}` holds the same {weights}, vocabulary and chat template for llama.cpp, ollama and "
                       "LM Studio; generation ends at the end-of-turn token (the file's end-of-turn id).", "",
                       "```sh", f"llama-cli -m OUT/{GGUF_FILE} -cnv          # llama.cpp, with the chat template",
-                      f"printf 'FROM ./{GGUF_FILE}\\n' > OUT/Modelfile && ollama create my-model -f OUT/Modelfile",
+                      f"ollama create my-model -f OUT/{MODELFILE}   # its chat template in ollama's language"
+                      if ollama_modelfile else
+                      f"printf 'FROM ./{GGUF_FILE}\\n' > OUT/{MODELFILE} && ollama create my-model -f OUT/{MODELFILE}",
                       "```", ""]
+            if not ollama_modelfile:
+                lines += ["ollama does not run the file's Jinja template: it uses the known template closest to it. "
+                          "Where that is not this model's, give the Modelfile a TEMPLATE.", ""]
     lines += ["## Stages", ""]
     for stage in [*(record.get("upstream") or {}), name]:
         stage_record = record if stage == name else read_json(run_dir / stage / "stage.json") or {}

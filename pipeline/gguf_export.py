@@ -199,7 +199,7 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = backend["model"], backend.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    byte_level = _byte_level(backend)
     if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
         raise PipelineError("GGUF export writes a byte-level BPE vocabulary (what the tokenizer stage trains) or a "
                             "BPE with byte fallback (Gemma's, Llama-2's); this tokenizer is "
@@ -221,7 +221,6 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which ByteLevel(use_regex=True) applies
         writer.add_token_merges([" ".join(pair) for pair in merges])
-        add_bos = False  # the chat template writes the begin-of-text token itself
     else:
         for index, token in enumerate(tokens):
             if types[index] == gguf.TokenType.NORMAL and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
@@ -230,8 +229,6 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
         writer.add_tokenizer_pre("default")
         writer.add_token_scores(_merge_scores(tokens, types, merges))
         writer.add_add_space_prefix(_adds_space_prefix(backend))
-        # raw text wants the begin-of-text token as transformers adds it; llama.cpp drops the template's own copy
-        add_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
@@ -241,10 +238,24 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
                           (end_of_turn_id, writer.add_eot_token_id)):
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(add_bos)
+    writer.add_add_bos_token(adds_bos(tokenizer, backend))
     if tokenizer.chat_template:
         # {% generation %} only marks the trained tokens for TRL; llama.cpp's template engine does not know the tag
         writer.add_chat_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template))
+
+
+def _byte_level(backend: dict) -> bool:
+    pre = backend.get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+
+
+def adds_bos(tokenizer, backend: dict | None = None) -> bool:
+    """The file's add_bos: whether llama.cpp puts the begin-of-text token before a prompt. Not for a byte-level
+    vocabulary (our chat template writes it); for a SentencePiece one as transformers adds it to raw text (llama.cpp
+    drops a chat template's own copy then)."""
+    if _byte_level(backend or json.loads(tokenizer.backend_tokenizer.to_str())):
+        return False
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
 
 def _merge_scores(tokens: list[str], types: list, merges: list[list[str]]) -> list[float]:

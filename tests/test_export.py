@@ -618,3 +618,72 @@ def test_llama_cpp_tokenizes_a_llama2_style_sentencepiece_vocabulary_like_transf
             special = text.startswith("<start_of_turn>")
             assert llm.tokenize(text.encode(), add_bos=False, special=special) == \
                 tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
+# ---------------------------------------------------------------- ollama's Modelfile
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Where does Nozan live?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again? {{ .Content }} \"quoted\" 😀"}],
+    [{"role": "user", "content": " leading and trailing \n\n"}, {"role": "assistant", "content": ""},
+     {"role": "user", "content": "<|end|> <end_of_turn> as text"}],
+]
+
+
+def render_go_templates(template: str, conversations: list[list[dict]]) -> list[str]:
+    """The template rendered by Go's text/template (ollama's engine) for each conversation."""
+    import shutil
+
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed (apt-get install golang-go; .ci/run does): it renders ollama's templates")
+    source = Path(__file__).parent / "fixtures" / "render_go_template.go"
+    cases = [{"template": template, "messages": messages} for messages in conversations]
+    result = subprocess.run(["go", "run", str(source)], input=json.dumps(cases), capture_output=True, text=True,
+                            timeout=300, check=True)
+    return json.loads(result.stdout)
+
+
+def modelfile_template(folder: Path) -> tuple[str, str]:
+    """(TEMPLATE, the stop PARAMETER) of the Modelfile in `folder`."""
+    text = (folder / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n")
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    stop = text.split('PARAMETER stop "', 1)[1].split('"', 1)[0]
+    return template, stop
+
+
+def test_gguf_export_writes_an_ollama_modelfile_whose_template_renders_ours(dpo_run, tmp_path):
+    """ollama does not run the GGUF's Jinja template; the Modelfile's Go template, rendered by Go itself, gives the
+    prompt our template gives (the begin-of-text token included: this file's add_bos is false), and stops at <|end|>."""
+    from transformers import AutoTokenizer
+
+    run_dir, _ = dpo_run
+    out = tmp_path / "gguf"
+    assert export(run_dir / "dpo", out, "--gguf") == 0
+    template, stop = modelfile_template(out)
+    assert stop == "<|end|>" and "ollama create my-model -f OUT/Modelfile" in (out / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    expected = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                for messages in CONVERSATIONS]
+    assert render_go_templates(template, CONVERSATIONS) == expected
+
+
+def test_ollama_modelfile_of_a_gemma_export_renders_gemmas_turns(gemma_tokenizer, tmp_path):
+    """Gemma's Go template folds a system message into the next user turn as gemma.jinja does, and leaves out <bos>
+    (the file's add_bos is true: llama.cpp adds it, and would not drop a second one ollama's template wrote)."""
+    from pipeline.gguf_export import adds_bos
+    from pipeline.ollama import modelfile
+
+    tokenizer, _ = gemma_tokenizer
+    assert adds_bos(tokenizer)
+    text = modelfile("model.gguf", tokenizer.chat_template, tokenizer.bos_token, not adds_bos(tokenizer),
+                     "<end_of_turn>")
+    (tmp_path / "Modelfile").write_text(text)
+    template, stop = modelfile_template(tmp_path)
+    assert stop == "<end_of_turn>"
+    expected = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                for messages in CONVERSATIONS]
+    assert all(prompt.startswith("<bos>") for prompt in expected)
+    assert render_go_templates(template, CONVERSATIONS) == [prompt.removeprefix("<bos>") for prompt in expected]
+    assert modelfile("model.gguf", "{{ messages }}", "<bos>", False, "<end_of_turn>") is None  # not our template
