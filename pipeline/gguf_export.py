@@ -7,7 +7,8 @@ repository, not a package, so the few steps it takes for the architectures we tr
   the interleaved pairs llama.cpp rotates (`_permute`; transformers' GGUF loader undoes it);
 - Gemma's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), and its queries carry the
   difference between transformers' 1/sqrt(query_pre_attn_scalar) score scale and llama.cpp's (1/sqrt(head_dim)
-  but for the 27B models); Gemma-3's sliding and global layers are written layer by layer, each with its rope base;
+  but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, and Gemma-3's
+  sliding layers get their own rope base;
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
   llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
   its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
@@ -25,6 +26,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
@@ -66,6 +68,9 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
         raise PipelineError(f"GGUF export quantizes to {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     quantized = getattr(gguf.GGMLQuantizationType, QUANTIZATIONS[quantization]) if quantization else None
     arch = getattr(gguf.MODEL_ARCH, arch_name)
+    if not getattr(config, "tie_word_embeddings", False) and gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[arch]:
+        raise PipelineError(f"GGUF export: llama.cpp's {arch_name.lower()} reads its output layer from the embeddings, "
+                            "and this model's lm_head is its own (untied); the file would compute other logits")
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
     file_type = FILE_TYPES[quantized.name if quantized is not None else tensor_type]
@@ -79,7 +84,9 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
         data = tensor.detach().to("cpu")
         block = gguf.GGML_QUANT_SIZES[quantized][0] if quantized is not None else 0
         if data.ndim == 2 and block and data.shape[-1] % block == 0:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data.float().numpy(), quantized), raw_dtype=quantized)
+            # a few thousand rows at a time: quantize's float32 temporaries of a whole 256k-row embedding are GBs
+            chunks = [gguf.quants.quantize(rows.float().numpy(), quantized) for rows in data.split(4096)]
+            writer.add_tensor(gguf_name, np.concatenate(chunks), raw_dtype=quantized)
         elif data.ndim == 1 or tensor_type == "F32":
             writer.add_tensor(gguf_name, data.float().numpy())
         elif tensor_type == "F16":
@@ -142,6 +149,7 @@ def _hyperparameters(writer, config, file_type) -> None:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
         writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern(_sliding_pattern(config))
     elif config.model_type == "gemma3_text":
         if getattr(config, "attn_logit_softcapping", None) or getattr(config, "use_bidirectional_attention", False):
             raise PipelineError("GGUF export: llama.cpp's Gemma-3 has no attention softcap and attends causally; "
@@ -149,14 +157,23 @@ def _hyperparameters(writer, config, file_type) -> None:
                                                      else "bidirectional attention"))
         if getattr(config, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
-        sliding = [kind == "sliding_attention" for kind in config.layer_types]
-        if any(sliding):
+        if any(kind == "sliding_attention" for kind in config.layer_types):
             writer.add_sliding_window(config.sliding_window)
-            writer.add_sliding_window_pattern(sliding)  # layer by layer: no guess from a period
+            writer.add_sliding_window_pattern(_sliding_pattern(config))
             writer.add_rope_freq_base_swa(sliding_rope_base or rope_base)
     if config.model_type in GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _sliding_pattern(config) -> int | list[bool]:
+    """Which layers slide, as llama.cpp reads it: a period p (layers slide but every p-th, Gemma's own layouts, which
+    older llama.cpp versions read as their only form) where there is one, else one flag per layer."""
+    sliding = [kind == "sliding_attention" for kind in config.layer_types]
+    for period in range(1, len(sliding) + 2):  # period 1: none slides; len + 1: all do
+        if sliding == [(index + 1) % period != 0 for index in range(len(sliding))]:
+            return period
+    return sliding
 
 
 def _tensors(model):
@@ -283,14 +300,28 @@ def _adds_space_prefix(backend: dict) -> bool:
     Llama and Mistral tokenizer.json files) skips text that already starts with a space and text after a special
     token, which llama.cpp does not: refused, or a chat prompt would reach the model as other ids."""
     def parts(component):
-        component = component or {}
-        return [component, *(part for key in ("normalizers", "pretokenizers") for part in component.get(key) or [])]
+        if not component:
+            return []
+        nested = [part for key in ("normalizers", "pretokenizers") for part in component.get(key) or []]
+        return nested if component.get("type") == "Sequence" else [component]
 
+    def refuse(what: str):
+        raise PipelineError(f"GGUF export: this tokenizer's {what}, which llama.cpp's SentencePiece-style tokenizer "
+                            "does not copy (it would split text into other ids); export without --gguf and convert "
+                            "with llama.cpp's convert_hf_to_gguf.py (it reads tokenizer.model)")
+
+    for part in parts(backend.get("normalizer")):  # what llama.cpp does: spaces to '▁', and the prefix
+        spaces = part.get("type") == "Replace" and part.get("pattern") == {"String": " "} and part.get("content") == "▁"
+        if not spaces and not (part.get("type") == "Prepend" and part.get("prepend") == "▁"):
+            refuse(f"normalizer {part.get('type')} {json.dumps(part)[:80]}")
     for part in parts(backend.get("pre_tokenizer")):
-        if part.get("type") == "Metaspace" and part.get("prepend_scheme", "always") != "never" \
-                and part.get("add_prefix_space", True):
-            raise PipelineError("GGUF export: this tokenizer's Metaspace pre-tokenizer adds '▁' before the text "
-                                f"({part.get('prepend_scheme', 'always')!r}, not before text that starts with a "
-                                "space), which llama.cpp's tokenizer does not copy; export without --gguf and "
-                                "convert with llama.cpp's convert_hf_to_gguf.py (it reads tokenizer.model)")
+        kind = part.get("type")
+        prepends = part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+        if kind == "Metaspace" and prepends:
+            refuse(f"Metaspace pre-tokenizer adds '▁' before the text ({part.get('prepend_scheme', 'always')!r}, "
+                   "not before text that starts with a space)")
+        if kind == "Metaspace" and part.get("split", True):
+            refuse("Metaspace pre-tokenizer splits the text at spaces")
+        if kind not in ("Metaspace", "Split") or kind == "Split" and part.get("pattern") != {"String": " "}:
+            refuse(f"pre-tokenizer {kind} {json.dumps(part)[:80]}")  # Gemma's Split(" ") sees no space after '▁'
     return any(part.get("type") == "Prepend" for part in parts(backend.get("normalizer")))

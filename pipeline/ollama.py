@@ -19,10 +19,11 @@ GO_TEMPLATES = {
     # chatml.jinja: every role as <|role|>, a space, the text, <|end|>; the reply opens at <|assistant|>
     "chatml": "BOS{{- range .Messages }}<|{{ .Role }}|> {{ .Content }}<|end|>{{ end }}<|assistant|>",
     # gemma.jinja: no system role; a system message's text opens the next user turn, as Google's template does
-    "gemma": ("BOS{{- $system := \"\" }}{{- range .Messages }}"
-              "{{- if eq .Role \"system\" }}{{- $system = .Content }}"
+    # (an empty system text too: gemma.jinja writes its "\n\n" all the same)
+    "gemma": ("BOS{{- $system := \"\" }}{{- $has_system := false }}{{- range .Messages }}"
+              "{{- if eq .Role \"system\" }}{{- $system = .Content }}{{- $has_system = true }}"
               "{{- else if eq .Role \"user\" }}<start_of_turn>user\n"
-              "{{ if $system }}{{ $system }}\n\n{{ end }}{{ $system = \"\" }}{{ .Content }}<end_of_turn>\n"
+              "{{ if $has_system }}{{ $system }}\n\n{{ end }}{{ $has_system = false }}{{ .Content }}<end_of_turn>\n"
               "{{ else }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}"
               "{{- end }}<start_of_turn>model\n"),
 }
@@ -36,12 +37,12 @@ def known_template(chat_template: str | None) -> str | None:
     return None
 
 
-def modelfile(gguf_file: str, chat_template: str | None, bos_token: str, template_adds_bos: bool,
+def modelfile(gguf_file: str, chat_template: str | None, bos_token: str | None, template_adds_bos: bool,
               end_of_turn: str) -> str | None:
     """The Modelfile's text for `ollama create NAME -f Modelfile`, or None where the template is not ours.
     `template_adds_bos`: the GGUF leaves the begin-of-text token to the template (add_bos false)."""
     name = known_template(chat_template)
     if name is None:
         return None
-    template = GO_TEMPLATES[name].replace("BOS", bos_token if template_adds_bos else "", 1)
+    template = GO_TEMPLATES[name].replace("BOS", (bos_token or "") if template_adds_bos else "", 1)  # as Jinja
     return f'FROM ./{gguf_file}\nTEMPLATE """{template}"""\nPARAMETER stop "{end_of_turn}"\n'

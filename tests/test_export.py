@@ -458,7 +458,7 @@ def tiny_gemma(kind: str, vocab_size: int, **overrides):
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=20,
                     sliding_window=8, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     if kind == "gemma3":
-        settings.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        settings.update(layer_types=["full_attention", "sliding_attention", "sliding_attention"],  # no period
                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})
     else:
@@ -514,7 +514,7 @@ def test_gguf_export_of_gemma3_writes_its_sentencepiece_vocabulary_and_layer_pat
     assert ours["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
     assert ours["general.architecture"] == "gemma3" and ours["gemma3.attention.key_length"] == 32
-    assert ours["gemma3.attention.sliding_window_pattern"] == [True, False, True]  # True: a sliding layer
+    assert ours["gemma3.attention.sliding_window_pattern"] == [False, True, True]  # True: a sliding layer
     assert ours["gemma3.rope.freq_base"] == 1e6 and ours["gemma3.rope.freq_base_swa"] == 10.0
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     layer = model.model.layers[0]
@@ -582,8 +582,16 @@ def sentencepiece_prefix(tokenizer, normalizer=None, pre_tokenizer=None):
         backend.normalizer, backend.pre_tokenizer = saved
 
 
-def test_gguf_export_refuses_a_metaspace_space_prefix_llama_cpp_would_not_copy(gemma_tokenizer, tmp_path):
-    from tokenizers import pre_tokenizers
+@pytest.mark.parametrize("change, named", [
+    ({"pre_tokenizer": "metaspace first"}, "Metaspace pre-tokenizer adds"),
+    ({"pre_tokenizer": "digits"}, "pre-tokenizer Digits"),
+    ({"normalizer": "nfkc"}, "normalizer NFKC"),
+])
+def test_gguf_export_refuses_text_handling_llama_cpp_would_not_copy(gemma_tokenizer, tmp_path, change, named):
+    """A SentencePiece-style vocabulary whose tokenizer.json does more to the text than llama.cpp's tokenizer does
+    (a Metaspace prefix skipped after a space or a control token, digits split, Unicode normalized) is refused in one
+    line, before a file that would tokenize otherwise is written."""
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.errors import PipelineError
@@ -592,10 +600,37 @@ def test_gguf_export_refuses_a_metaspace_space_prefix_llama_cpp_would_not_copy(g
     tokenizer, _ = gemma_tokenizer
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64))
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    with sentencepiece_prefix(tokenizer, pre_tokenizer=metaspace), pytest.raises(PipelineError) as refusal:
-        write_gguf(model, tokenizer, tmp_path / "model.gguf", None, "metaspace")
-    assert "Metaspace" in str(refusal.value) and "convert_hf_to_gguf.py" in str(refusal.value)
+    parts = {"metaspace first": pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+             "digits": pre_tokenizers.Digits(individual_digits=True),
+             "nfkc": normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])}
+    with sentencepiece_prefix(tokenizer, **{key: parts[value] for key, value in change.items()}), \
+            pytest.raises(PipelineError) as refusal:
+        write_gguf(model, tokenizer, tmp_path / "model.gguf", None, "refused")
+    assert named in str(refusal.value) and "convert_hf_to_gguf.py" in str(refusal.value)
+
+
+def test_which_layers_slide_is_written_as_llama_cpp_reads_it():
+    """A period where the layout has one (Gemma's: every p-th layer global; older llama.cpp reads only this form),
+    else one flag per layer; and an untied head Gemma-2 in llama.cpp has no tensor for is refused."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from pipeline.errors import PipelineError
+    from pipeline.gguf_export import _sliding_pattern, write_gguf
+
+    def layout(*kinds):
+        return SimpleNamespace(layer_types=[{"S": "sliding_attention", "F": "full_attention"}[k] for k in kinds])
+
+    assert _sliding_pattern(layout(*"SSSSSF" * 3)) == 6  # Gemma-3 270M
+    assert _sliding_pattern(layout(*"SF" * 13)) == 2  # Gemma-2
+    assert _sliding_pattern(layout(*"FFF")) == 1 and _sliding_pattern(layout(*"SSS")) == 4
+    assert _sliding_pattern(layout(*"SFS")) == 2 and _sliding_pattern(layout(*"FSS")) == [False, True, True]
+    untied = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                            tie_word_embeddings=False))
+    with pytest.raises(PipelineError, match="untied"):
+        write_gguf(untied, None, Path("unused.gguf"), None, "untied")
 
 
 def test_llama_cpp_tokenizes_a_llama2_style_sentencepiece_vocabulary_like_transformers(gemma_tokenizer, tmp_path):
@@ -628,6 +663,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again? {{ .Content }} \"quoted\" 😀"}],
     [{"role": "user", "content": " leading and trailing \n\n"}, {"role": "assistant", "content": ""},
      {"role": "user", "content": "<|end|> <end_of_turn> as text"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "An empty system message"}],
 ]
 
 
@@ -687,3 +723,5 @@ def test_ollama_modelfile_of_a_gemma_export_renders_gemmas_turns(gemma_tokenizer
     assert all(prompt.startswith("<bos>") for prompt in expected)
     assert render_go_templates(template, CONVERSATIONS) == [prompt.removeprefix("<bos>") for prompt in expected]
     assert modelfile("model.gguf", "{{ messages }}", "<bos>", False, "<end_of_turn>") is None  # not our template
+    no_bos = modelfile("model.gguf", tokenizer.chat_template, None, True, "<end_of_turn>")  # Jinja writes "" then
+    assert 'TEMPLATE """{{- $system' in no_bos
