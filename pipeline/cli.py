@@ -241,10 +241,11 @@ def _cmd_export(args) -> int:
     with run_folder_lock(run_dir) if (run_dir / "recipe.yaml").is_file() else nullcontext():
         out = export_stage(args.stage, args.out, dtype=args.dtype, adapter_only=args.adapter_only, gguf=args.gguf,
                            gguf_quantization=args.gguf_quant)
-    gguf = f" (and {out}/model.gguf for llama.cpp" + (", Modelfile for ollama)" if (out / "Modelfile").is_file()
-                                                         else ")")
-    print(f"exported {args.stage} to {out}" + (" (adapter; the model it stands on in parent/)" if args.adapter_only
-                                                else gguf if args.gguf or args.gguf_quant else ""))
+    said = " (adapter; the model it stands on in parent/)" if args.adapter_only else ""
+    if args.gguf or args.gguf_quant:
+        ollama = ", Modelfile for ollama" if (out / "Modelfile").is_file() else ""
+        said = f" (and {out}/model.gguf for llama.cpp{ollama})"
+    print(f"exported {args.stage} to {out}{said}")
     return 0
 
 

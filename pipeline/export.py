@@ -33,7 +33,7 @@ from pipeline.artifacts import atomic_write_text, fsync_tree, read_json
 from pipeline.chat_template import ChatRenderer
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
-from pipeline.gguf_export import adds_bos, require_writable, write_gguf
+from pipeline.gguf_export import require_writable, write_gguf
 from pipeline.lineage import lineage_head
 from pipeline.models import lineage_of, load_stage_model
 from pipeline.ollama import modelfile
@@ -101,10 +101,10 @@ def export_stage(stage_dir: str | Path, out: str | Path, dtype: str | None = Non
             tmp.mkdir(parents=True)
             if gguf:  # first: a model it cannot write is refused before the folder's gigabytes are
                 end_of_turn = ChatRenderer(tokenizer).end_of_turn
-                write_gguf(model, tokenizer, tmp / GGUF_FILE, end_of_turn,
-                           name=f"{stage_dir.resolve().parent.name}-{record['stage']}", quantization=gguf_quantization)
-                ollama = modelfile(GGUF_FILE, tokenizer.chat_template, tokenizer.bos_token,
-                                   not adds_bos(tokenizer), tokenizer.convert_ids_to_tokens(end_of_turn))
+                add_bos = write_gguf(model, tokenizer, tmp / GGUF_FILE, end_of_turn, quantization=gguf_quantization,
+                                     name=f"{stage_dir.resolve().parent.name}-{record['stage']}")
+                ollama = modelfile(GGUF_FILE, tokenizer.chat_template, tokenizer.bos_token, not add_bos,
+                                   tokenizer.convert_ids_to_tokens(end_of_turn))
                 if ollama:
                     atomic_write_text(tmp / MODELFILE, ollama)
             _save_full(model, tokenizer, tmp)

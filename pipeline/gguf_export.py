@@ -52,10 +52,10 @@ def require_writable(model_type: str) -> None:
 
 
 def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str,
-               quantization: str | None = None) -> None:
+               quantization: str | None = None) -> bool:
     """Write `model` (a merged causal LM) and its tokenizer to `path`, its matrices in the model's dtype or, with
     `quantization` ("q8_0"), quantized (a matrix whose rows do not split into 32-value blocks stays in the dtype);
-    `name` is what llama.cpp and ollama show as the model's name."""
+    `name` is what llama.cpp and ollama show as the model's name. Returns the file's add_bos (`adds_bos`)."""
     import gguf
 
     config = model.config
@@ -75,7 +75,7 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
     writer.add_name(name)
     file_type = FILE_TYPES[quantized.name if quantized is not None else tensor_type]
     _hyperparameters(writer, config, getattr(gguf.LlamaFileType, file_type))
-    _vocabulary(writer, tokenizer, config.vocab_size, end_of_turn_id)
+    add_bos = _vocabulary(writer, tokenizer, config.vocab_size, end_of_turn_id)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     for hf_name, tensor in _tensors(model):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -98,6 +98,7 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return add_bos
 
 
 def _head_dim(config) -> int:
@@ -211,7 +212,8 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) -> None:
+def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) -> bool:
+    """Write the vocabulary and its special ids; returns the add_bos written."""
     import gguf
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -255,10 +257,12 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
                           (end_of_turn_id, writer.add_eot_token_id)):
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(adds_bos(tokenizer, backend))
+    add_bos = adds_bos(tokenizer, backend)
+    writer.add_add_bos_token(add_bos)
     if tokenizer.chat_template:
         # {% generation %} only marks the trained tokens for TRL; llama.cpp's template engine does not know the tag
         writer.add_chat_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template))
+    return add_bos
 
 
 def _byte_level(backend: dict) -> bool:

