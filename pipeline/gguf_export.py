@@ -7,8 +7,9 @@ repository, not a package, so the few steps it takes for the architectures we tr
   the interleaved pairs llama.cpp rotates (`_permute`; transformers' GGUF loader undoes it);
 - Gemma's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), and its queries carry the
   difference between transformers' 1/sqrt(query_pre_attn_scalar) score scale and llama.cpp's (1/sqrt(head_dim)
-  but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, and Gemma-3's
-  sliding layers get their own rope base;
+  but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, Gemma-3's
+  sliding layers get their own rope base, and linear rope scaling (Gemma-3 4B and larger, on the global layers) the
+  factor llama.cpp applies;
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
   llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
   its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.gguf_hparams import llama_score_dim, sliding_pattern
 
 # transformers model_type -> gguf.MODEL_ARCH member
 ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
@@ -105,31 +107,33 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _llama_score_dim(config) -> int:
-    """The d of the 1/sqrt(d) llama.cpp scales Gemma's attention scores by: head_dim, but for the 27B models it
-    knows by their layer count (46 Gemma-2, 62 Gemma-3 layers), where it is hidden size / heads."""
-    big = {"gemma2": 46, "gemma3_text": 62}.get(config.model_type) == config.num_hidden_layers
-    return config.hidden_size // config.num_attention_heads if big else _head_dim(config)
-
-
-def _rope_bases(config) -> tuple[float, float | None]:
-    """(rope base of the global layers, of the sliding ones or None); refused where the rope is scaled."""
+def _rope(config) -> tuple[float, float | None, float | None]:
+    """(rope base of the global layers, of the sliding ones or None, linear scaling factor or None). Linear scaling
+    (positions divided by the factor; Gemma-3 4B and larger scale their global layers by 8) is what llama.cpp reads
+    from the file, as `rope.scaling.factor`, and applies to every layer but Gemma-3's sliding ones, so that is what is
+    written; other scalings, or scaled sliding layers, are refused."""
     rope = getattr(config, "rope_parameters", None) or {}
     per_layer_type = {key: value for key, value in rope.items() if isinstance(value, dict)}  # Gemma-3's layout
-    for params in per_layer_type.values() or [rope]:
-        if params.get("rope_type", "default") != "default":
-            raise PipelineError(f"GGUF export: rope scaling {params.get('rope_type')!r} is not written; export "
-                                "without --gguf and convert with llama.cpp's convert_hf_to_gguf.py")
+    scaled = per_layer_type.get("full_attention", rope)  # the layers llama.cpp scales
+    for layers, params in (per_layer_type or {"": rope}).items():
+        kind = params.get("rope_type", "default")
+        if kind != "default" and not (kind == "linear" and params is scaled):
+            where = f" on the {layers.replace('_', ' ')} layers" if layers else ""
+            raise PipelineError(f"GGUF export: rope scaling {kind!r}{where} is not written; export without --gguf "
+                                "and convert with llama.cpp's convert_hf_to_gguf.py")
+    factor = float(scaled["factor"]) if scaled.get("rope_type") == "linear" else None
     if per_layer_type:
         return (float(per_layer_type["full_attention"]["rope_theta"]),
                 float(per_layer_type["sliding_attention"]["rope_theta"]) if "sliding_attention" in per_layer_type
-                else None)
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), None
+                else None, factor)
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), None, factor
 
 
 def _hyperparameters(writer, config, file_type) -> None:
+    import gguf
+
     head_dim = _head_dim(config)
-    rope_base, sliding_rope_base = _rope_bases(config)
+    rope_base, sliding_rope_base, rope_factor = _rope(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -139,6 +143,9 @@ def _hyperparameters(writer, config, file_type) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(rope_base)
+    if rope_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope_factor)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     if config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
@@ -150,7 +157,7 @@ def _hyperparameters(writer, config, file_type) -> None:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
         writer.add_sliding_window(config.sliding_window)
-        writer.add_sliding_window_pattern(_sliding_pattern(config))
+        writer.add_sliding_window_pattern(sliding_pattern(config.layer_types))
     elif config.model_type == "gemma3_text":
         if getattr(config, "attn_logit_softcapping", None) or getattr(config, "use_bidirectional_attention", False):
             raise PipelineError("GGUF export: llama.cpp's Gemma-3 has no attention softcap and attends causally; "
@@ -160,21 +167,11 @@ def _hyperparameters(writer, config, file_type) -> None:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
         if any(kind == "sliding_attention" for kind in config.layer_types):
             writer.add_sliding_window(config.sliding_window)
-            writer.add_sliding_window_pattern(_sliding_pattern(config))
+            writer.add_sliding_window_pattern(sliding_pattern(config.layer_types))
             writer.add_rope_freq_base_swa(sliding_rope_base or rope_base)
     if config.model_type in GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-
-
-def _sliding_pattern(config) -> int | list[bool]:
-    """Which layers slide, as llama.cpp reads it: a period p (layers slide but every p-th, Gemma's own layouts, which
-    older llama.cpp versions read as their only form) where there is one, else one flag per layer."""
-    sliding = [kind == "sliding_attention" for kind in config.layer_types]
-    for period in range(1, len(sliding) + 2):  # period 1: none slides; len + 1: all do
-        if sliding == [(index + 1) % period != 0 for index in range(len(sliding))]:
-            return period
-    return sliding
 
 
 def _tensors(model):
@@ -183,10 +180,10 @@ def _tensors(model):
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tied = getattr(config, "tie_word_embeddings", False)
     gemma = config.model_type in GEMMA
-    # llama.cpp scales the scores by 1/sqrt(_llama_score_dim); transformers by 1/sqrt(query_pre_attn_scalar): the
+    # llama.cpp scales the scores by 1/sqrt(llama_score_dim); transformers by 1/sqrt(query_pre_attn_scalar): the
     # queries carry the difference, so the scores (and Gemma-2's softcap on them) come out the same. Gemma-3 norms
     # its queries (q_norm) before the scale, so the factor goes there; Gemma-2 has no q_norm and takes it in q_proj.
-    query_scale = (_llama_score_dim(config) / config.query_pre_attn_scalar) ** 0.5 if gemma else 1.0
+    query_scale = (llama_score_dim(config) / config.query_pre_attn_scalar) ** 0.5 if gemma else 1.0
     query_tensors = ("self_attn.q_norm.weight",) if config.model_type == "gemma3_text" \
         else ("self_attn.q_proj.weight", "self_attn.q_proj.bias")
     for name, tensor in model.state_dict().items():

@@ -2,21 +2,23 @@
 
 gguf.GGUFReader would answer too, but it turns every vocabulary entry into a numpy array (8 s for
 Gemma's 262,144 tokens), and a truncated file fails inside numpy with a reshape error. This reads
-the header sequentially: the architecture, the chat template if any, and whether the tensor data
-the header promises is all in the file.
+the header sequentially: the architecture, the chat template if any, the hyperparameters (what the
+base stage's import completes transformers' config with: pipeline/gguf_hparams.py), the tensor names,
+and whether the tensor data the header promises is all in the file.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_KEPT_ARRAY = 4096  # numeric arrays up to this long are kept (a per-layer pattern); the vocabulary's are skipped
 
 
 @dataclass
@@ -26,6 +28,8 @@ class GgufHeader:
     tensors: int
     data_end: int  # the byte where the last tensor's data ends
     file_size: int
+    fields: dict = field(default_factory=dict)  # every key but the tokenizer's: numbers, strings, short arrays
+    tensor_names: frozenset = frozenset()
 
 
 class _Cursor:
@@ -55,7 +59,9 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item_kind, count = self.take("<I"), self.take("<Q")
-            if item_kind in _SCALARS:  # skipped whole: nothing we need is a numeric array
+            if item_kind in _SCALARS and count <= _KEPT_ARRAY:
+                return [self.take(_SCALARS[item_kind]) for _ in range(count)]
+            if item_kind in _SCALARS:  # skipped whole: a vocabulary's scores or types
                 self.at += struct.calcsize(_SCALARS[item_kind]) * count
                 return None
             for _ in range(count):
@@ -89,11 +95,11 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
             for _ in range(kv_count):
                 key = cursor.string()
                 value = cursor.value(cursor.take("<I"))
-                if key in ("general.architecture", "general.alignment", "tokenizer.chat_template"):
+                if not key.startswith("tokenizer.") or key == "tokenizer.chat_template":
                     fields[key] = value
-            ends = []
+            ends, names = [], set()
             for _ in range(tensor_count):
-                cursor.string()
+                names.add(cursor.string())
                 dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
                 kind, offset = cursor.take("<I"), cursor.take("<Q")
                 try:
@@ -109,7 +115,7 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
         finally:
             data.close()
     header = GgufHeader(str(fields.get("general.architecture", "")), fields.get("tokenizer.chat_template"),
-                        tensor_count, data_start + max(ends, default=0), size)
+                        tensor_count, data_start + max(ends, default=0), size, fields, frozenset(names))
     if header.data_end > size:
         raise PipelineError(f"{path}: truncated GGUF file ({size:,} bytes; its header promises {header.data_end:,}); "
                             f"download or assemble it again")

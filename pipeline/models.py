@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.gguf_header import read_gguf_header
+from pipeline.gguf_hparams import complete_config
 from pipeline.lineage import lineage_head, read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
@@ -239,8 +241,12 @@ def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None)
     source, kwargs = _loading(cfg, kind, location)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
+        if kind == "gguf":  # what transformers' GGUF loader leaves at its defaults, as llama.cpp reads the file
+            header = read_gguf_header(location)
+            config = complete_config(config, header.fields, header.tensor_names)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=default_attention(config, cfg.attn_implementation),
+            source, config=config, dtype=dtype,
+            attn_implementation=default_attention(config, cfg.attn_implementation),
             quantization_config=quantization, **({} if kind == "gguf" else {"use_safetensors": True}), **kwargs)
     except (OSError, ValueError) as exc:
         offline = " (no network here? set HF_HUB_OFFLINE=1 and use a local folder)" if kind == "hub" else ""

@@ -399,7 +399,8 @@ def test_llama_cpp_runs_the_gguf_export_like_transformers(chain, request, tmp_pa
 def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head(dpo_run, tmp_path):
     """Shapes pretrain does not build by default, through the same writer: 2 key/value heads for 4 query heads
     (q and k rows permuted by their own head counts), q/k/v biases (permuted too), lm_head separate from the
-    embeddings (written as output.weight). transformers' GGUF loader drops attention biases, so llama.cpp judges."""
+    embeddings (written as output.weight), positions scaled linearly (factor 4). transformers' GGUF loader drops
+    attention biases, so llama.cpp judges."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
     import numpy as np
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -411,7 +412,8 @@ def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=128)).eval()
+        num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=128,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
@@ -423,6 +425,52 @@ def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3
+
+
+def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_would_not_apply(dpo_run, tmp_path):
+    """Linear scaling (positions divided by the factor) goes in as llama.cpp's rope.scaling keys, which it applies to
+    every layer but Gemma-3's sliding ones, and the GGUF import reads it back: other scalings, and scaled sliding
+    layers, are refused in one line, on export and on import."""
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.errors import PipelineError
+    from pipeline.gguf_export import write_gguf
+    from pipeline.gguf_hparams import complete_config
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+
+    def llama(rope):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope))
+
+    scaled = llama({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}).eval()
+    write_gguf(scaled, tokenizer, tmp_path / "linear.gguf", tokenizer.eos_token_id, "linear")
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(str(tmp_path / "linear.gguf")).fields.items()}
+    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+    # and a `base:` GGUF import reads the scaling back (transformers' GGUF loader alone drops it)
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "linear.gguf")), torch.float32).eval()
+    ids = torch.tensor([tokenizer("Where does Nozan live? Nozan lives in Varn.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(imported(input_ids=ids).logits, scaled(input_ids=ids).logits, atol=1e-4)
+    for fields, tensors, named in [({"llama.rope.scaling.type": "yarn"}, set(), "rope scaling 'yarn'"),
+                                   ({}, {"rope_freqs.weight"}, "per-dimension rope factors")]:  # Llama 3.1's
+        with pytest.raises(PipelineError, match=named):
+            complete_config(llama({"rope_type": "default", "rope_theta": 10000.0}).config, fields, tensors)
+    write_gguf(llama({"rope_type": "default", "rope_theta": 10000.0}), tokenizer, tmp_path / "plain.gguf",
+               tokenizer.eos_token_id, "plain")
+    assert not any(key.startswith("llama.rope.scaling") for key in gguf.GGUFReader(str(tmp_path / "plain.gguf")).fields)
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    scaled_sliding = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                      "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0}}
+    for model, named in [(llama(yarn), "rope scaling 'yarn' is not written"),
+                         (tiny_gemma("gemma3", len(tokenizer), rope_parameters=scaled_sliding),
+                          "rope scaling 'linear' on the sliding attention layers is not written")]:
+        with pytest.raises(PipelineError, match=named):
+            write_gguf(model, tokenizer, tmp_path / "refused.gguf", tokenizer.eos_token_id, "refused")
 
 
 # ---------------------------------------------------------------- GGUF of a Gemma base (SentencePiece vocabulary)
@@ -446,7 +494,8 @@ def gemma_tokenizer(gemma_gguf):
 def tiny_gemma(kind: str, vocab_size: int, **overrides):
     """A 3-layer Gemma-2 or Gemma-3 with the real vocabulary, built so that what llama.cpp must get right shows in
     the logits: norms far from 0 (stored as 1 + w), sharp attention, a window of 8 tokens, a query_pre_attn_scalar
-    unlike head_dim (the score scale), a global and a sliding layer pattern with their own rope bases (Gemma-3)."""
+    unlike head_dim (the score scale), a global and a sliding layer pattern with their own rope bases, the global
+    layers' positions scaled as Gemma-3 4B and larger scale them (linear, factor 8) (Gemma-3)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
     settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -454,7 +503,7 @@ def tiny_gemma(kind: str, vocab_size: int, **overrides):
                     sliding_window=8, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     if kind == "gemma3":
         settings.update(layer_types=["full_attention", "sliding_attention", "sliding_attention"],  # no period
-                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})
     else:
         settings.update(attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
@@ -476,8 +525,9 @@ def tiny_gemma(kind: str, vocab_size: int, **overrides):
 def test_gguf_export_of_gemma3_writes_its_sentencepiece_vocabulary_and_layer_pattern(gemma_tokenizer, tmp_path):
     """A Gemma base's vocabulary as llama.cpp's "llama" tokenizer: tokens, types and merge-ordering scores as the
     Gemma-3 GGUF Google's converter wrote (but 30 runs of spaces, which transformers' tokenizer spells with '▁'
-    and merges); Gemma-3's per-layer window pattern and rope bases; norms (q/k norms too) as 1 + w, the score scale
-    in q_norm. transformers' GGUF loader rebuilds the tokenizer from the file with the same ids."""
+    and merges); Gemma-3's per-layer window pattern, rope bases and linear rope scaling; norms (q/k norms too) as
+    1 + w, the score scale in q_norm. transformers' GGUF loader rebuilds the tokenizer from the file with the same
+    ids."""
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -511,6 +561,7 @@ def test_gguf_export_of_gemma3_writes_its_sentencepiece_vocabulary_and_layer_pat
     assert ours["general.architecture"] == "gemma3" and ours["gemma3.attention.key_length"] == 32
     assert ours["gemma3.attention.sliding_window_pattern"] == [False, True, True]  # True: a sliding layer
     assert ours["gemma3.rope.freq_base"] == 1e6 and ours["gemma3.rope.freq_base_swa"] == 10.0
+    assert ours["gemma3.rope.scaling.type"] == "linear" and ours["gemma3.rope.scaling.factor"] == 8.0
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     layer = model.model.layers[0]
     assert torch.equal(stored["blk.0.attn_norm.weight"], layer.input_layernorm.weight + 1)
@@ -526,8 +577,8 @@ def test_gguf_export_of_gemma3_writes_its_sentencepiece_vocabulary_and_layer_pat
 def test_llama_cpp_runs_a_gemma_export_with_its_sentencepiece_vocabulary(kind, gemma_tokenizer, tmp_path):
     """llama.cpp on a Gemma file: the tokenizer's ids on whitespace-heavy and non-Latin text, the chat prompt's
     control tokens whole, the begin-of-text token added to raw text as transformers adds it, and logits within float
-    rounding, where the window, the score scale and (Gemma-3) the sliding layers' rope base each move them by more
-    than a logit."""
+    rounding, where the window, the score scale and (Gemma-3) the sliding layers' rope base and the global layers'
+    rope scaling each move them by more than a logit."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
     import numpy as np
 
@@ -557,11 +608,42 @@ def test_llama_cpp_runs_a_gemma_export_with_its_sentencepiece_vocabulary(kind, g
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 0.05 < 1 < np.abs(expected).max()
     variants = {"no window": {"sliding_window": 4096}, "score scale": {"query_pre_attn_scalar": 32}}
     if kind == "gemma3":
-        ropes = {"full_attention": 1e6, "sliding_attention": 1e4}
-        variants["sliding rope base"] = {"rope_parameters": {layers: {"rope_type": "default", "rope_theta": theta}
-                                                             for layers, theta in ropes.items()}}
+        full, sliding = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, {"rope_type": "default",
+                                                                                   "rope_theta": 10.0}
+        variants["sliding rope base"] = {"rope_parameters": {"full_attention": full,
+                                                             "sliding_attention": {**sliding, "rope_theta": 1e4}}}
+        variants["rope scaling"] = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                        "sliding_attention": sliding}}
     for name, change in variants.items():  # what the test would catch, were the file wrong there
         assert np.abs(logits(tiny_gemma(kind, len(tokenizer), **change)) - expected).max() > 1, name
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2", "gemma3 27B"])
+def test_a_gemma_gguf_imports_as_the_model_llama_cpp_runs(kind, gemma_tokenizer, tmp_path):
+    """A `base:` GGUF is imported as llama.cpp reads it, where transformers' GGUF loader would take its class
+    defaults: the sliding layout, the sliding rope base, the global layers' rope scaling (Gemma-3 4B and larger), the
+    score scale (the 27B models'), the soft caps. Round trip: the tiny Gemma of the llama.cpp test above, whose
+    every one of those settings moves the logits by more than 1, exported to F32 and imported by the base stage's
+    loader, gives the original logits back."""
+    from pipeline.gguf_export import write_gguf
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer, _ = gemma_tokenizer
+    changes = {"attn_logit_softcapping": 7.0, "final_logit_softcapping": 20.0} if kind == "gemma2" else {
+        "final_logit_softcapping": 20.0}
+    if kind == "gemma3 27B":  # 62 layers: llama.cpp scales scores by hidden / heads (32 here), not head_dim (16)
+        changes.update(num_hidden_layers=62, head_dim=16, layer_types=[
+            "full_attention" if index % 6 == 5 else "sliding_attention" for index in range(62)])
+    model = tiny_gemma(kind.split()[0], len(tokenizer), **changes)
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.convert_tokens_to_ids("<end_of_turn>"), "tiny")
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "model.gguf"), attn_implementation="eager"),
+                               torch.float32).eval()
+    ids = torch.tensor([tokenizer("Where does Nozan live? " * 4)["input_ids"]])  # past the window of 8
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, imported(input_ids=ids).logits
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+    assert imported.config.layer_types == model.config.layer_types
 
 
 @contextmanager
@@ -607,20 +689,22 @@ def test_gguf_export_refuses_text_handling_llama_cpp_would_not_copy(gemma_tokeni
 def test_which_layers_slide_is_written_as_llama_cpp_reads_it():
     """A period where the layout has one (Gemma's: every p-th layer global; older llama.cpp reads only this form),
     else one flag per layer; and an untied head Gemma-2 in llama.cpp has no tensor for is refused."""
-    from types import SimpleNamespace
-
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from pipeline.errors import PipelineError
-    from pipeline.gguf_export import _sliding_pattern, write_gguf
+    from pipeline.gguf_export import write_gguf
+    from pipeline.gguf_hparams import layer_types, sliding_pattern
 
     def layout(*kinds):
-        return SimpleNamespace(layer_types=[{"S": "sliding_attention", "F": "full_attention"}[k] for k in kinds])
+        return [{"S": "sliding_attention", "F": "full_attention"}[k] for k in kinds]
 
-    assert _sliding_pattern(layout(*"SSSSSF" * 3)) == 6  # Gemma-3 270M
-    assert _sliding_pattern(layout(*"SF" * 13)) == 2  # Gemma-2
-    assert _sliding_pattern(layout(*"FFF")) == 1 and _sliding_pattern(layout(*"SSS")) == 4
-    assert _sliding_pattern(layout(*"SFS")) == 2 and _sliding_pattern(layout(*"FSS")) == [False, True, True]
+    assert sliding_pattern(layout(*"SSSSSF" * 3)) == 6  # Gemma-3 270M
+    assert sliding_pattern(layout(*"SF" * 13)) == 2  # Gemma-2
+    assert sliding_pattern(layout(*"FFF")) == 1 and sliding_pattern(layout(*"SSS")) == 4
+    assert sliding_pattern(layout(*"SFS")) == 2 and sliding_pattern(layout(*"FSS")) == [False, True, True]
+    for kinds in ("SSSSSF" * 3, "SF" * 13, "FFF", "SSS", "SFS", "FSS"):  # read back as llama.cpp reads it
+        assert layer_types(sliding_pattern(layout(*kinds)), len(kinds)) == layout(*kinds)
+    assert layer_types(0, 3) == layout(*"SSS")  # llama.cpp's period 0: every layer slides
     untied = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                             num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                             tie_word_embeddings=False))
