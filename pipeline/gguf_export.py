@@ -31,11 +31,10 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.gguf_hparams import llama_score_dim, sliding_pattern
+from pipeline.gguf_hparams import GEMMA, llama_score_dim, sliding_pattern
 
 # transformers model_type -> gguf.MODEL_ARCH member
 ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
-GEMMA = ("gemma2", "gemma3_text")
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pipeline.errors import PipelineError
 
+GEMMA = ("gemma2", "gemma3_text")  # transformers' model types
 # llama.cpp knows the 27B models by their layer count and scales their scores by 1/sqrt(hidden / heads)
 TWENTY_SEVEN_B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 DEFAULT_SLIDING_PERIOD = {"gemma2": 2, "gemma3_text": 6}  # llama.cpp's, where a file names no pattern
@@ -60,12 +61,12 @@ def complete_config(config, fields: dict, tensor_names: set[str]):
 
     scaling, factor = field("rope.scaling.type"), field("rope.scaling.factor")
     if scaling not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
-        what = f"rope scaling {scaling!r}" if scaling not in (None, "none", "linear") else "per-dimension rope factors"
-        raise PipelineError(f"GGUF: this {arch} file scales its rope with {what} (Llama 3.1 and later do), which "
-                            "transformers' GGUF loader does not read; give base.path the model's hub id or "
-                            "safetensors folder instead")
+        what = f"rope scaling {scaling!r}" if scaling not in (None, "none", "linear") else \
+            "per-dimension rope factors (a rope_freqs tensor, as Llama 3.1 and later files have)"
+        raise PipelineError(f"GGUF: this {arch} file scales its rope with {what}, which transformers' GGUF loader "
+                            "does not read; give base.path the model's hub id or safetensors folder instead")
     linear = {"rope_type": "linear", "factor": float(factor)} if scaling == "linear" and factor else None
-    if model_type not in TWENTY_SEVEN_B_LAYERS:
+    if model_type not in GEMMA:
         if linear:
             config.rope_parameters = {**(config.rope_parameters or {}), **linear}
         return config
