@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.gguf_hparams import require_readable_rope
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -132,10 +133,11 @@ SUPPORTED_ARCHITECTURES = (
 
 
 def check_gguf(path: str | Path) -> GgufHeader:
-    """read_gguf_header plus: transformers can load this architecture."""
+    """read_gguf_header plus: transformers can load this architecture, and its rope as llama.cpp reads it."""
     header = read_gguf_header(path)
     known = SUPPORTED_ARCHITECTURES
     if header.architecture not in known:
         raise PipelineError(f"{path}: GGUF architecture `{header.architecture}` cannot be loaded by the installed "
                             f"transformers (it loads: {', '.join(known)})")
+    require_readable_rope(header.architecture, header.fields, header.tensor_names, where=str(path))
     return header

@@ -50,6 +50,17 @@ def layer_types(pattern: int | list, layers: int) -> list[str]:
     return ["sliding_attention" if flag else "full_attention" for flag in sliding]
 
 
+def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF") -> None:
+    """One line for a GGUF file whose rope transformers' GGUF loader would drop and a config cannot be completed
+    with: a scaling other than linear, or llama.cpp's per-dimension factors (Llama 3.1's rope_freqs tensor)."""
+    scaling = fields.get(f"{architecture}.rope.scaling.type")
+    if scaling not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
+        what = f"rope scaling {scaling!r}" if scaling not in (None, "none", "linear") else \
+            "per-dimension rope factors (a rope_freqs tensor, as Llama 3.1 and later files have)"
+        raise PipelineError(f"{where}: this {architecture} file scales its rope with {what}, which transformers' GGUF "
+                            "loader does not read; give base.path the model's hub id or safetensors folder instead")
+
+
 def complete_config(config, fields: dict, tensor_names: set[str]):
     """`config` (transformers' reading of a GGUF file) with what its loader leaves out taken from the file's header
     `fields` as llama.cpp reads them; a one-line PipelineError for a rope scaling transformers cannot represent."""
@@ -59,12 +70,8 @@ def complete_config(config, fields: dict, tensor_names: set[str]):
     def field(key, default=None):
         return fields.get(f"{arch}.{key}", default)
 
+    require_readable_rope(arch, fields, tensor_names)
     scaling, factor = field("rope.scaling.type"), field("rope.scaling.factor")
-    if scaling not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
-        what = f"rope scaling {scaling!r}" if scaling not in (None, "none", "linear") else \
-            "per-dimension rope factors (a rope_freqs tensor, as Llama 3.1 and later files have)"
-        raise PipelineError(f"GGUF: this {arch} file scales its rope with {what}, which transformers' GGUF loader "
-                            "does not read; give base.path the model's hub id or safetensors folder instead")
     linear = {"rope_type": "linear", "factor": float(factor)} if scaling == "linear" and factor else None
     if model_type not in GEMMA:
         if linear:

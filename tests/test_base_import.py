@@ -20,13 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _gguf(path: Path, arch: str, template: str | None = None, floats: int = 4096) -> Path:
+def _gguf(path: Path, arch: str, template: str | None = None, floats: int = 4096, tensors: tuple = ()) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
     if template:
         writer.add_chat_template(template)
     writer.add_tensor("token_embd.weight", np.zeros((floats // 64, 64), dtype=np.float32))
+    for name in tensors:
+        writer.add_tensor(name, np.ones(32, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -53,6 +55,15 @@ def test_gguf_of_an_unsupported_architecture_is_one_line(tmp_path, capsys):
     code, out = _check(tmp_path, {"path": str(path), "chat_template": "gemma"}, capsys)
     assert code == 2 and len(out.splitlines()) == 1, out
     assert "GGUF architecture `rwkv6` cannot be loaded by the installed transformers" in out
+
+
+def test_a_gguf_whose_rope_transformers_would_drop_is_one_line(tmp_path, capsys):
+    """Llama 3.1 and later GGUF files scale their rope by a rope_freqs tensor that transformers' GGUF loader ignores
+    (the model would load with another rope): `check` says so before anything runs."""
+    path = _gguf(tmp_path / "llama31.gguf", "llama", tensors=("rope_freqs.weight",))
+    code, out = _check(tmp_path, {"path": str(path), "chat_template": "gemma"}, capsys)
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert "per-dimension rope factors" in out and "hub id or safetensors folder" in out and str(path) in out
 
 
 def test_truncated_gguf_is_one_line(tmp_path, capsys):
