@@ -50,29 +50,51 @@ def layer_types(pattern: int | list, layers: int) -> list[str]:
     return ["sliding_attention" if flag else "full_attention" for flag in sliding]
 
 
+# tensors by which llama.cpp rescales the rope per dimension (Llama 3.1+, DeciLM, Phi-3 long context) and
+# transformers' GGUF loader drops; Gemma-4's rope_freqs encodes the proportional rope its config builds itself
+ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+ROPE_FROM_CONFIG = {"gemma4": ("rope_freqs.weight",)}
+ROPE_READ_BY_TRANSFORMERS = ("gpt-oss", "gpt_oss")  # its loader rebuilds their rope scaling itself
+
+
+def linear_rope_factor(architecture: str, fields: dict) -> float | None:
+    """The factor llama.cpp divides positions by, or None: `rope.scaling.factor` (or the older `rope.scale_linear`)
+    under a scaling type that is linear, as a file without a type is."""
+    factor = fields.get(f"{architecture}.rope.scaling.factor") or fields.get(f"{architecture}.rope.scale_linear")
+    linear = fields.get(f"{architecture}.rope.scaling.type", "linear") == "linear"
+    return float(factor) if linear and factor and factor != 1 else None
+
+
 def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF") -> None:
     """One line for a GGUF file whose rope transformers' GGUF loader would drop and a config cannot be completed
     with: a scaling other than linear, or llama.cpp's per-dimension factors (Llama 3.1's rope_freqs tensor)."""
-    scaling = fields.get(f"{architecture}.rope.scaling.type")
-    if scaling not in (None, "none", "linear") or "rope_freqs.weight" in tensor_names:
-        what = f"rope scaling {scaling!r}" if scaling not in (None, "none", "linear") else \
-            "per-dimension rope factors (a rope_freqs tensor, as Llama 3.1 and later files have)"
-        raise PipelineError(f"{where}: this {architecture} file scales its rope with {what}, which transformers' GGUF "
-                            "loader does not read; give base.path the model's hub id or safetensors folder instead")
+    if architecture in ROPE_READ_BY_TRANSFORMERS:
+        return
+    scaling = fields.get(f"{architecture}.rope.scaling.type", "linear")
+    dropped = [name for name in ROPE_FACTOR_TENSORS
+               if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())]
+    if scaling in ("none", "linear") and not dropped:
+        return
+    what = f"rope scaling {scaling!r}" if scaling not in ("none", "linear") else \
+        f"per-dimension rope factors ({dropped[0]}, as Llama 3.1 and Phi-3 long-context files have)"
+    raise PipelineError(f"{where}: this {architecture} file scales its rope with {what}, which transformers' GGUF "
+                        "loader does not read; give base.path the model's hub id or safetensors folder instead")
 
 
 def complete_config(config, fields: dict, tensor_names: set[str]):
     """`config` (transformers' reading of a GGUF file) with what its loader leaves out taken from the file's header
     `fields` as llama.cpp reads them; a one-line PipelineError for a rope scaling transformers cannot represent."""
     model_type = config.model_type
-    arch = {"gemma3_text": "gemma3"}.get(model_type, model_type)
+    arch = fields.get("general.architecture") or {"gemma3_text": "gemma3"}.get(model_type, model_type)
 
     def field(key, default=None):
         return fields.get(f"{arch}.{key}", default)
 
     require_readable_rope(arch, fields, tensor_names)
-    scaling, factor = field("rope.scaling.type"), field("rope.scaling.factor")
-    linear = {"rope_type": "linear", "factor": float(factor)} if scaling == "linear" and factor else None
+    if arch in ROPE_READ_BY_TRANSFORMERS:
+        return config
+    factor = linear_rope_factor(arch, fields)
+    linear = {"rope_type": "linear", "factor": factor} if factor else None
     if model_type not in GEMMA:
         if linear:
             config.rope_parameters = {**(config.rope_parameters or {}), **linear}

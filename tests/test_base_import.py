@@ -66,6 +66,53 @@ def test_a_gguf_whose_rope_transformers_would_drop_is_one_line(tmp_path, capsys)
     assert "per-dimension rope factors" in out and "hub id or safetensors folder" in out and str(path) in out
 
 
+def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_silent():
+    """What a file leaves out is what llama.cpp's loader assumes (src/models/gemma2.cpp, gemma3.cpp, llama-model.cpp):
+    Gemma-2 slides every other layer under a window of 4,096 with soft caps 50 and 30; Gemma-3 slides 5 of every 6
+    layers where the file names a window (none where it does not) with a sliding rope base of 10,000; a scaling
+    factor without a type, or under the older rope.scale_linear key, is linear; type "none" scales nothing."""
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
+
+    from pipeline.errors import PipelineError
+    from pipeline.gguf_hparams import complete_config
+
+    small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    gemma2 = complete_config(Gemma2Config(num_hidden_layers=4, sliding_window=7, attn_logit_softcapping=None,
+                                          final_logit_softcapping=None, **small),
+                             {"general.architecture": "gemma2", "gemma2.rope.freq_base": 500.0}, set())
+    assert gemma2.layer_types == ["sliding_attention", "full_attention"] * 2 and gemma2.sliding_window == 4096
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, 30.0)
+    assert gemma2.rope_parameters["rope_theta"] == 500.0 and gemma2.query_pre_attn_scalar == 32
+
+    def gemma3(fields):
+        config = Gemma3TextConfig(num_hidden_layers=7, final_logit_softcapping=3.0, **small)
+        return complete_config(config, {"general.architecture": "gemma3", **fields}, set())
+
+    windowed = gemma3({"gemma3.attention.sliding_window": 512, "gemma3.rope.freq_base": 1e6})
+    assert windowed.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert windowed.rope_parameters == {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    assert windowed.final_logit_softcapping is None and windowed.sliding_window == 512
+    assert gemma3({}).layer_types == ["full_attention"] * 7
+    untyped = gemma3({"gemma3.attention.sliding_window": 512, "gemma3.rope.scaling.factor": 8.0})
+    assert untyped.rope_parameters["full_attention"]["factor"] == 8.0
+
+    def llama(fields, tensors=()):
+        return complete_config(LlamaConfig(num_hidden_layers=1, **small), {"general.architecture": "llama", **fields},
+                               set(tensors)).rope_parameters
+
+    assert llama({"llama.rope.scale_linear": 2.0}) == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert llama({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 2.0})["rope_type"] == "default"
+    for fields, tensors in [({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, ()),
+                            ({}, ("rope_freqs.weight",)), ({}, ("rope_factors_long.weight",))]:
+        with pytest.raises(PipelineError, match="transformers' GGUF loader does not read"):
+            llama(fields, tensors)
+    # Gemma-4's rope_freqs is the proportional rope transformers builds from its own config: not refused
+    from pipeline.gguf_hparams import require_readable_rope
+
+    require_readable_rope("gemma4", {}, {"rope_freqs.weight"})
+
+
 def test_truncated_gguf_is_one_line(tmp_path, capsys):
     whole = _gguf(tmp_path / "whole.gguf", "llama")
     cut = tmp_path / "cut.gguf"

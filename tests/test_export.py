@@ -443,10 +443,16 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
 
     def llama(rope):
-        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope))
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope))
+        with torch.no_grad():  # sharp attention and logits of tens: where the rope puts a position shows
+            for name, parameter in model.named_parameters():
+                scale = {"q_proj": 20, "k_proj": 20, "lm_head": 50, "norm": 1}
+                parameter.mul_(next((v for key, v in scale.items() if key in name), 4))
+        return model.eval()
 
-    scaled = llama({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}).eval()
+    scaled = llama({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
     write_gguf(scaled, tokenizer, tmp_path / "linear.gguf", tokenizer.eos_token_id, "linear")
     fields = {name: field.contents() for name, field in gguf.GGUFReader(str(tmp_path / "linear.gguf")).fields.items()}
     assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
@@ -454,11 +460,14 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
     imported = load_base_model(BaseModelConfig(path=str(tmp_path / "linear.gguf")), torch.float32).eval()
     ids = torch.tensor([tokenizer("Where does Nozan live? Nozan lives in Varn.")["input_ids"]])
     with torch.no_grad():
-        assert torch.allclose(imported(input_ids=ids).logits, scaled(input_ids=ids).logits, atol=1e-4)
+        expected = scaled(input_ids=ids).logits
+        assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
+        unscaled = llama({"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits  # the same weights
+        assert (unscaled - expected).abs().max() > 1 < expected.abs().max()
     for fields, tensors, named in [({"llama.rope.scaling.type": "yarn"}, set(), "rope scaling 'yarn'"),
                                    ({}, {"rope_freqs.weight"}, "per-dimension rope factors")]:  # Llama 3.1's
         with pytest.raises(PipelineError, match=named):
-            complete_config(llama({"rope_type": "default", "rope_theta": 10000.0}).config, fields, tensors)
+            complete_config(scaled.config, {"general.architecture": "llama", **fields}, tensors)
     write_gguf(llama({"rope_type": "default", "rope_theta": 10000.0}), tokenizer, tmp_path / "plain.gguf",
                tokenizer.eos_token_id, "plain")
     assert not any(key.startswith("llama.rope.scaling") for key in gguf.GGUFReader(str(tmp_path / "plain.gguf")).fields)
@@ -634,6 +643,8 @@ def test_a_gemma_gguf_imports_as_the_model_llama_cpp_runs(kind, dpo_run, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
     changes = {"attn_logit_softcapping": 7.0, "final_logit_softcapping": 20.0} if kind == "gemma2" else {
         "final_logit_softcapping": 20.0}
+    if kind == "gemma2":  # Gemma-2 scales every layer (llama.cpp applies the factor to its sliding layers too)
+        changes["rope_parameters"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
     model = tiny_gemma(kind, len(tokenizer), **changes)
     write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "tiny")
     imported = load_base_model(BaseModelConfig(path=str(tmp_path / "model.gguf"), attn_implementation="eager"),
