@@ -29,7 +29,7 @@ class GgufHeader:
     tensors: int
     data_end: int  # the byte where the last tensor's data ends
     file_size: int
-    fields: dict = field(default_factory=dict)  # every key but the tokenizer's: numbers, strings, short arrays
+    fields: dict = field(default_factory=dict)  # every key: numbers, strings, short arrays (long ones None)
     tensor_names: frozenset = frozenset()
 
 
@@ -96,8 +96,7 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
             for _ in range(kv_count):
                 key = cursor.string()
                 value = cursor.value(cursor.take("<I"))
-                if not key.startswith("tokenizer.") or key == "tokenizer.chat_template":
-                    fields[key] = value
+                fields[key] = value  # the vocabulary's long arrays are None
             ends, names = [], set()
             for _ in range(tensor_count):
                 names.add(cursor.string())

@@ -268,6 +268,32 @@ def test_gguf_export_reads_back_with_the_same_logits_tokens_and_chat_template(dp
     assert set(fields["tensor_types"].values()) == {"F32"} and "output.weight" not in fields["tensor_types"]  # tied
 
 
+def test_an_exported_gguf_is_a_base_a_recipe_can_start_from(dpo_run, tiny_world, tmp_path, capsys):
+    """The file as a recipe's `base:`: the base stage imports the chain's model with the chat template the file
+    carries (transformers' GGUF tokenizer loader drops it; `check` already promised it), ready for sft."""
+    from pipeline.cli import main
+    from pipeline.models import load_stage_model
+
+    run_dir, _ = dpo_run
+    assert export(run_dir / "dpo", tmp_path / "gguf", "--gguf") == 0
+    recipe = tmp_path / "again.yaml"
+    recipe.write_text(json.dumps({"name": "again", "base": {"path": str(tmp_path / "gguf" / "model.gguf")}}))
+    assert main(["check", str(recipe)]) == 0
+    assert "chat template: the base tokenizer's own (from the GGUF file)" in capsys.readouterr().out
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'runs'}"]) == 0
+    base, tokenizer = load_stage_model(tmp_path / "runs" / "again" / "base", dtype=torch.float32)
+    chain, chain_tokenizer = load_stage_model(run_dir / "dpo", dtype=torch.float32)
+    messages = [{"role": "user", "content": "Where does Nozan live?"}]
+    text = chain_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == \
+        chain_tokenizer(text, add_special_tokens=False)["input_ids"]  # the role markers as their control tokens
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == \
+        (chain_tokenizer.bos_token, chain_tokenizer.eos_token, chain_tokenizer.pad_token)
+    prompts = held_out_ids(tiny_world, chain_tokenizer)
+    assert max_difference(logits_of(base, prompts), logits_of(chain, prompts)) < TOLERANCE
+
+
 @pytest.mark.parametrize("dtype, kind", [("float16", "F16"), ("bfloat16", "BF16")])
 def test_gguf_export_writes_the_asked_dtype(dpo_run, tmp_path, dtype, kind):
     """Matrices in the dtype asked for, norms in float32 as llama.cpp keeps them; the weights read back exactly."""
