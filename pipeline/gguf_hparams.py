@@ -1,5 +1,6 @@
 """A model's hyperparameters in a GGUF file, as llama.cpp reads them: the rules `pipeline export --gguf` writes by
-and the base stage's GGUF import reads back by.
+and the base stage's GGUF import reads back by (`complete_config`; `complete_gguf_tokenizer` does the same for the
+special tokens and chat template transformers' GGUF tokenizer loader can drop).
 
 llama.cpp is what a GGUF file means (the keys are its converter's), and its loader fills in what a file leaves out
 with its own defaults (src/models/gemma2.cpp, gemma3.cpp: a sliding period of 2 or 6, soft caps 50 and 30, a
@@ -122,3 +123,19 @@ def complete_config(config, fields: dict, tensor_names: set[str]):
     # the file's queries are scaled for llama.cpp's 1/sqrt(d) (gguf_export folds any other scale into them)
     config.query_pre_attn_scalar = llama_score_dim(config)
     return config
+
+
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                       "unk_token": "unknown_token_id"}
+
+
+def complete_gguf_tokenizer(tokenizer, fields: dict) -> None:
+    """What transformers' GGUF tokenizer loader can leave out, from the file's header where the tokenizer has none:
+    the begin/end/padding/unknown tokens (dropped for a byte-level BPE file, such as `pipeline export --gguf`
+    writes) and the chat template (which `check` reports the run will use)."""
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        index = fields.get(f"tokenizer.ggml.{key}")
+        if getattr(tokenizer, name) is None and index is not None and index < len(tokenizer):
+            tokenizer.add_special_tokens({name: tokenizer.convert_ids_to_tokens(index)})  # in the vocabulary: same id
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = fields.get("tokenizer.chat_template")

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.gguf_header import read_gguf_header
-from pipeline.gguf_hparams import complete_config
+from pipeline.gguf_hparams import complete_config, complete_gguf_tokenizer
 from pipeline.lineage import lineage_head, read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
@@ -229,22 +229,6 @@ def load_base_tokenizer(cfg: BaseModelConfig):
     if kind == "gguf":
         complete_gguf_tokenizer(tokenizer, read_gguf_header(location).fields)
     return tokenizer
-
-
-GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
-                       "unk_token": "unknown_token_id"}
-
-
-def complete_gguf_tokenizer(tokenizer, fields: dict) -> None:
-    """What transformers' GGUF tokenizer loader can leave out, from the file's header where the tokenizer has none:
-    the begin/end/padding/unknown tokens (dropped for a byte-level BPE file, such as `pipeline export --gguf`
-    writes) and the chat template (which `check` reports the run will use)."""
-    for name, key in GGUF_SPECIAL_TOKENS.items():
-        index = fields.get(f"tokenizer.ggml.{key}")
-        if getattr(tokenizer, name) is None and index is not None and index < len(tokenizer):
-            tokenizer.add_special_tokens({name: tokenizer.convert_ids_to_tokens(index)})  # in the vocabulary: same id
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = fields.get("tokenizer.chat_template")
 
 
 def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None):
