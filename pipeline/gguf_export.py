@@ -9,7 +9,8 @@ repository, not a package, so the few steps it takes for the architectures we tr
   difference between transformers' 1/sqrt(query_pre_attn_scalar) score scale and llama.cpp's (1/sqrt(head_dim)
   but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, Gemma-3's
   sliding layers get their own rope base, and linear rope scaling (Gemma-3 4B and larger, on the global layers) the
-  factor llama.cpp applies;
+  factor llama.cpp applies; Llama 3.1's "llama3" rope goes in as the per-dimension factors its converter computes
+  (the rope_freqs tensor);
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
   llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
   its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.gguf_hparams import GEMMA, llama_score_dim, sliding_pattern
+from pipeline.gguf_hparams import GEMMA, llama3_rope_factors, llama_score_dim, sliding_pattern
 
 # transformers model_type -> gguf.MODEL_ARCH member
 ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
@@ -95,6 +96,10 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
         else:  # numpy has no bfloat16: the raw 16-bit words, typed BF16
             writer.add_tensor(gguf_name, data.bfloat16().view(torch.int16).numpy(),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp's converter writes Llama 3.1's rope as per-dimension factors
+        factors = np.array(llama3_rope_factors(rope, _head_dim(config)), dtype=np.float32)
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -110,13 +115,15 @@ def _rope(config) -> tuple[float, float | None, float | None]:
     """(rope base of the global layers, of the sliding ones or None, linear scaling factor or None). Linear scaling
     (positions divided by the factor; Gemma-3 4B and larger scale their global layers by 8) is what llama.cpp reads
     from the file, as `rope.scaling.factor`, and applies to every layer but Gemma-3's sliding ones, so that is what is
-    written; other scalings, or scaled sliding layers, are refused."""
+    written; Llama's "llama3" rope goes in as a tensor (write_gguf); other scalings, or scaled sliding layers, are
+    refused."""
     rope = getattr(config, "rope_parameters", None) or {}
     per_layer_type = {key: value for key, value in rope.items() if isinstance(value, dict)}  # Gemma-3's layout
     scaled = per_layer_type.get("full_attention", rope)  # the layers llama.cpp scales
     for layers, params in (per_layer_type or {"": rope}).items():
         kind = params.get("rope_type", "default")
-        if kind != "default" and not (kind == "linear" and params is scaled):
+        llama3 = kind == "llama3" and config.model_type == "llama"  # written as rope_freqs by write_gguf
+        if kind != "default" and not (kind == "linear" and params is scaled) and not llama3:
             where = f" on the {layers.replace('_', ' ')} layers" if layers else ""
             raise PipelineError(f"GGUF export: rope scaling {kind!r}{where} is not written; export without --gguf "
                                 "and convert with llama.cpp's convert_hf_to_gguf.py")

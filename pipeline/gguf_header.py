@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.gguf_hparams import require_readable_rope
+from pipeline.gguf_hparams import ROPE_FACTOR_TENSORS, require_readable_rope
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -31,6 +31,7 @@ class GgufHeader:
     file_size: int
     fields: dict = field(default_factory=dict)  # every key: numbers, strings, short arrays (long ones None)
     tensor_names: frozenset = frozenset()
+    rope_factors: dict = field(default_factory=dict)  # the float32 rope factor tensors' values (Llama 3.1's rope_freqs)
 
 
 class _Cursor:
@@ -97,11 +98,14 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
                 key = cursor.string()
                 value = cursor.value(cursor.take("<I"))
                 fields[key] = value  # the vocabulary's long arrays are None
-            ends, names = [], set()
+            ends, names, rope_tensors = [], set(), {}
             for _ in range(tensor_count):
-                names.add(cursor.string())
+                name = cursor.string()
+                names.add(name)
                 dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
                 kind, offset = cursor.take("<I"), cursor.take("<Q")
+                if name in ROPE_FACTOR_TENSORS and kind == int(GGMLQuantizationType.F32) and len(dims) == 1:
+                    rope_tensors[name] = (offset, dims[0])
                 try:
                     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
                 except (KeyError, ValueError):
@@ -112,10 +116,14 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
                 ends.append(offset + elements // block * block_bytes)
             alignment = int(fields.get("general.alignment") or 32)
             data_start = -(-cursor.at // alignment) * alignment
+            rope_factors = {}
+            for name, (offset, count) in rope_tensors.items():
+                if data_start + offset + 4 * count <= size:  # else the truncation error below says so
+                    rope_factors[name] = list(struct.unpack_from(f"<{count}f", data, data_start + offset))
         finally:
             data.close()
     header = GgufHeader(str(fields.get("general.architecture", "")), fields.get("tokenizer.chat_template"),
-                        tensor_count, data_start + max(ends, default=0), size, fields, frozenset(names))
+                        tensor_count, data_start + max(ends, default=0), size, fields, frozenset(names), rope_factors)
     if header.data_end > size:
         raise PipelineError(f"{path}: truncated GGUF file ({size:,} bytes; its header promises {header.data_end:,}); "
                             f"download or assemble it again")
@@ -138,5 +146,6 @@ def check_gguf(path: str | Path) -> GgufHeader:
     if header.architecture not in known:
         raise PipelineError(f"{path}: GGUF architecture `{header.architecture}` cannot be loaded by the installed "
                             f"transformers (it loads: {', '.join(known)})")
-    require_readable_rope(header.architecture, header.fields, header.tensor_names, where=str(path))
+    require_readable_rope(header.architecture, header.fields, header.tensor_names, where=str(path),
+                          rope_factors=header.rope_factors)
     return header

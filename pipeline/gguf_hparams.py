@@ -13,6 +13,8 @@ hidden/heads instead of head_dim, and a file may carry its own sliding layout, s
 
 from __future__ import annotations
 
+import math
+
 from pipeline.errors import PipelineError
 
 GEMMA = ("gemma2", "gemma3_text")  # transformers' model types
@@ -66,33 +68,109 @@ def linear_rope_factor(architecture: str, fields: dict) -> float | None:
     return float(factor) if linear and factor and factor != 1 else None
 
 
-def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF") -> None:
+def llama3_rope_factors(rope: dict, dim: int) -> list[float]:
+    """The per-dimension factors llama.cpp divides the rotary frequencies by (its rope_freqs tensor) for a "llama3"
+    rope (Llama 3.1 and later), as its converter computes them (LlamaModel.generate_extra_tensors)."""
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    factors = []
+    for pair in range(dim // 2):
+        wavelength = 2 * math.pi * float(rope["rope_theta"]) ** (2 * pair / dim)
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def llama3_rope_from_factors(factors: list[float], base: float, dim: int) -> dict | None:
+    """The "llama3" rope parameters whose factors (llama3_rope_factors) are the file's rope_freqs, or None where no
+    llama3 rope gives them (another model's per-dimension rope). The formula depends on the original context and the
+    two band edges only through their ratios, so the context is the one that makes low_freq_factor 1, as Llama 3.1
+    and 3.2 have it (8192 for both): the factors of every real file come back with its own parameters."""
+    factor = max(factors, default=1.0)
+    if len(factors) != dim // 2 or factor <= 1:
+        return None
+    # 1 / wavelength per pair, rising with frequency; in the band between the edges the factor's inverse falls
+    # linearly in it from 1 / factor (at the low edge) to 1 (at the high edge)
+    inverse = [1 / (2 * math.pi * base ** (2 * pair / dim)) for pair in range(dim // 2)]
+    band = [(x, (1 / f - 1 / factor) / (1 - 1 / factor)) for x, f in zip(inverse, factors)
+            if not math.isclose(f, 1, rel_tol=1e-5) and not math.isclose(f, factor, rel_tol=1e-5)]
+    if len(band) >= 2:  # the line through the band's points: smooth = (x - low_edge) / (high_edge - low_edge)
+        (x0, s0), (x1, s1) = band[0], band[-1]
+        slope = (s1 - s0) / (x1 - x0)
+        if slope <= 0:
+            return None
+        low_edge, high_edge = x0 - s0 / slope, x0 + (1 - s0) / slope
+    else:  # no band (or one point): edges between the last scaled pair and the first unscaled one
+        scaled = [x for x, f in zip(inverse, factors) if not math.isclose(f, 1, rel_tol=1e-5)]
+        unscaled = [x for x, f in zip(inverse, factors) if math.isclose(f, 1, rel_tol=1e-5)]
+        if not scaled or not unscaled or band:
+            return None
+        gap = min(unscaled) - max(scaled)
+        low_edge, high_edge = max(scaled) + gap / 3, max(scaled) + gap * 2 / 3
+    context = round(1 / low_edge)
+    rope = {"rope_type": "llama3", "rope_theta": base, "factor": round(factor, 4),  # the file's float32 rounding off
+            "low_freq_factor": round(context * low_edge, 4), "high_freq_factor": round(context * high_edge, 4),
+            "original_max_position_embeddings": context}
+    rebuilt = llama3_rope_factors(rope, dim)
+    return rope if all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(rebuilt, factors)) else None
+
+
+def file_llama3_rope(architecture: str, fields: dict, rope_factors: dict | None) -> dict | None:
+    """A Llama file's llama3 rope (llama3_rope_from_factors of its rope_freqs), or None."""
+    factors = (rope_factors or {}).get("rope_freqs.weight")
+    if architecture != "llama" or factors is None:
+        return None
+    hidden, heads = fields.get("llama.embedding_length"), fields.get("llama.attention.head_count")
+    dim = fields.get("llama.rope.dimension_count") or (hidden // heads if hidden and heads else None)
+    if not dim:
+        return None
+    return llama3_rope_from_factors(factors, float(fields.get("llama.rope.freq_base", 10000.0)), int(dim))
+
+
+def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF",
+                          rope_factors: dict | None = None) -> None:
     """One line for a GGUF file whose rope transformers' GGUF loader would drop and a config cannot be completed
-    with: a scaling other than linear, or llama.cpp's per-dimension factors (Llama 3.1's rope_freqs tensor)."""
+    with: a scaling other than linear, or llama.cpp's per-dimension factors (Llama 3.1's rope_freqs tensor) unless
+    they are a llama3 rope's (`rope_factors`: the file's factor tensors' values)."""
     if architecture in ROPE_READ_BY_TRANSFORMERS:
         return
     scaling = fields.get(f"{architecture}.rope.scaling.type", "linear")
     dropped = [name for name in ROPE_FACTOR_TENSORS
-               if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())]
+               if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())
+               and not (name == "rope_freqs.weight" and file_llama3_rope(architecture, fields, rope_factors))]
     if scaling in ("none", "linear") and not dropped:
         return
     what = f"rope scaling {scaling!r}" if scaling not in ("none", "linear") else \
-        f"per-dimension rope factors ({dropped[0]}, as Llama 3.1 and Phi-3 long-context files have)"
+        f"per-dimension rope factors ({dropped[0]}, as Phi-3 long-context files have; a Llama file's are read where " \
+        "they are a llama3 rope's)"
     raise PipelineError(f"{where}: this {architecture} file scales its rope with {what}, which transformers' GGUF "
                         "loader does not read; give base.path the model's hub id or safetensors folder instead")
 
 
-def complete_config(config, fields: dict, tensor_names: set[str]):
+def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: dict | None = None):
     """`config` (transformers' reading of a GGUF file) with what its loader leaves out taken from the file's header
-    `fields` as llama.cpp reads them; a one-line PipelineError for a rope scaling transformers cannot represent."""
+    `fields` (and its rope factor tensors' values, `rope_factors`) as llama.cpp reads them; a one-line PipelineError
+    for a rope scaling transformers cannot represent."""
     model_type = config.model_type
     arch = fields.get("general.architecture") or {"gemma3_text": "gemma3"}.get(model_type, model_type)
 
     def field(key, default=None):
         return fields.get(f"{arch}.{key}", default)
 
-    require_readable_rope(arch, fields, tensor_names)
+    require_readable_rope(arch, fields, tensor_names, rope_factors=rope_factors)
     if arch in ROPE_READ_BY_TRANSFORMERS:
+        return config
+    llama3 = file_llama3_rope(arch, fields, rope_factors)
+    if llama3:  # Llama 3.1+: transformers' loader drops the rope_freqs tensor and would run an unscaled rope
+        if linear_rope_factor(arch, fields):
+            raise PipelineError("GGUF: this llama file scales its rope twice (rope_freqs and a linear factor), "
+                                "which transformers cannot represent")
+        config.rope_parameters = llama3
         return config
     factor = linear_rope_factor(arch, fields)
     linear = {"rope_type": "linear", "factor": factor} if factor else None

@@ -246,7 +246,7 @@ def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None)
         config = AutoConfig.from_pretrained(source, **kwargs)
         if kind == "gguf":  # what transformers' GGUF loader leaves at its defaults, as llama.cpp reads the file
             header = read_gguf_header(location)
-            config = complete_config(config, header.fields, header.tensor_names)
+            config = complete_config(config, header.fields, header.tensor_names, header.rope_factors)
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype,
             attn_implementation=default_attention(config, cfg.attn_implementation),

@@ -58,8 +58,9 @@ def test_gguf_of_an_unsupported_architecture_is_one_line(tmp_path, capsys):
 
 
 def test_a_gguf_whose_rope_transformers_would_drop_is_one_line(tmp_path, capsys):
-    """Llama 3.1 and later GGUF files scale their rope by a rope_freqs tensor that transformers' GGUF loader ignores
-    (the model would load with another rope): `check` says so before anything runs."""
+    """Per-dimension rope factors (a rope_freqs tensor) that are no llama3 rope's (Llama 3.1's, which the import
+    reads back): transformers' GGUF loader would ignore them and load the model with another rope, so `check` says so
+    before anything runs."""
     path = _gguf(tmp_path / "llama31.gguf", "llama", tensors=("rope_freqs.weight",))
     code, out = _check(tmp_path, {"path": str(path), "chat_template": "gemma"}, capsys)
     assert code == 2 and len(out.splitlines()) == 1, out
@@ -107,8 +108,17 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
                             ({}, ("rope_freqs.weight",)), ({}, ("rope_factors_long.weight",))]:
         with pytest.raises(PipelineError, match="transformers' GGUF loader does not read"):
             llama(fields, tensors)
+    # Llama 3.1's rope_freqs (float32, as its file stores them) read back as the config's own llama3 rope
+    from pipeline.gguf_hparams import llama3_rope_factors, require_readable_rope
+
+    llama31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    factors = np.float32(llama3_rope_factors(llama31, 128)).tolist()
+    real = dict(hidden_size=4096, num_attention_heads=32, num_hidden_layers=1)
+    fields = {"general.architecture": "llama", "llama.rope.freq_base": 500000.0, "llama.rope.dimension_count": 128}
+    assert complete_config(LlamaConfig(**real), fields, {"rope_freqs.weight"},
+                           {"rope_freqs.weight": factors}).rope_parameters == llama31
     # Gemma-4's rope_freqs is the proportional rope transformers builds from its own config: not refused
-    from pipeline.gguf_hparams import require_readable_rope
 
     require_readable_rope("gemma4", {}, {"rope_freqs.weight"})
 

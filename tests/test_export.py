@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -453,12 +454,91 @@ def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3
 
 
+def sharp_llama(vocab_size: int, rope: dict):
+    """A 1-layer Llama with sharp attention and logits of tens, so that where the rope puts a position shows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scale = {"q_proj": 20, "k_proj": 20, "lm_head": 50, "norm": 1}
+            parameter.mul_(next((v for key, v in scale.items() if key in name), 4))
+    return model.eval()
+
+
+# Llama 3.1's rope shape at a 16-wide head: three of its eight frequency pairs in the smoothed band
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 16.0,
+               "original_max_position_embeddings": 256, "rope_theta": 10000.0}
+
+
+def test_a_llama3_rope_travels_through_gguf_as_llama_cpps_rope_freqs(dpo_run, tmp_path, monkeypatch, capsys):
+    """Llama 3.1 and later scale their rope per frequency ("llama3"); llama.cpp's converter writes that as a
+    rope_freqs tensor, which transformers' GGUF loader drops (the model would run unscaled). The export writes the
+    converter's factors, and the import reads the llama3 parameters back from them: the same logits as the model
+    exported, not the unscaled ones. Factors no llama3 rope gives are refused by `check` in one line."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+    from pipeline.gguf_hparams import llama3_rope_factors
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_llama(len(tokenizer), LLAMA3_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "llama3.gguf", tokenizer.eos_token_id, "llama3")
+    reader = gguf.GGUFReader(str(tmp_path / "llama3.gguf"))
+    stored = next(tensor.data for tensor in reader.tensors if tensor.name == "rope_freqs.weight")
+    assert np.allclose(stored, [1.0, 1.1845339, 2.4769745, 3.7818423, 4, 4, 4, 4])  # llama.cpp's converter's
+    assert not any(key.startswith("llama.rope.scaling") for key in reader.fields)
+
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "llama3.gguf")), torch.float32).eval()
+    assert imported.config.rope_parameters == LLAMA3_ROPE
+    ids = torch.tensor([tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
+        unscaled = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits
+        assert (unscaled - expected).abs().max() > 1 < expected.abs().max()
+
+    monkeypatch.setattr("pipeline.gguf_export.llama3_rope_factors",  # a per-dimension rope of another shape
+                        lambda rope, dim: [1.0, 3.0, 1.5, 4.0, 2.0, 4.0, 4.0, 4.0])
+    write_gguf(model, tokenizer, tmp_path / "other.gguf", tokenizer.eos_token_id, "other")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "g", "base": {"path": str(tmp_path / "other.gguf"),
+                                                         "chat_template": "chatml"}}))
+    capsys.readouterr()
+    assert main(["check", str(recipe)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert len(out.splitlines()) == 1 and "per-dimension rope factors (rope_freqs.weight" in out, out
+    assert llama3_rope_factors(LLAMA3_ROPE, 16) != [1.0, 3.0, 1.5, 4.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_llama_cpp_runs_a_llama3_rope_export_like_transformers(dpo_run, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_llama(len(tokenizer), LLAMA3_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "llama3")
+    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3 * np.abs(expected).max()
+
+
 def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_would_not_apply(dpo_run, tmp_path):
     """Linear scaling (positions divided by the factor) goes in as llama.cpp's rope.scaling keys, which it applies to
     every layer but Gemma-3's sliding ones, and the GGUF import reads it back: other scalings, and scaled sliding
     layers, are refused in one line, on export and on import."""
     import gguf
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from pipeline.errors import PipelineError
     from pipeline.gguf_export import write_gguf
@@ -469,14 +549,7 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
 
     def llama(rope):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=2, rope_parameters=rope))
-        with torch.no_grad():  # sharp attention and logits of tens: where the rope puts a position shows
-            for name, parameter in model.named_parameters():
-                scale = {"q_proj": 20, "k_proj": 20, "lm_head": 50, "norm": 1}
-                parameter.mul_(next((v for key, v in scale.items() if key in name), 4))
-        return model.eval()
+        return sharp_llama(len(tokenizer), rope)
 
     scaled = llama({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
     write_gguf(scaled, tokenizer, tmp_path / "linear.gguf", tokenizer.eos_token_id, "linear")
