@@ -90,12 +90,12 @@ def llama3_rope_from_factors(factors: list[float], base: float, dim: int) -> dic
     """The "llama3" rope parameters whose factors (llama3_rope_factors) are the file's rope_freqs, or None where no
     llama3 rope gives them (another model's per-dimension rope). The formula depends on the original context and the
     two band edges only through their ratios, so the context is the one that makes low_freq_factor 1, as Llama 3.1
-    and 3.2 have it (8192 for both): the factors of every real file come back with its own parameters."""
+    to 3.3 have it (8192 for all): their files come back with their configs' own parameters (tested)."""
     factor = max(factors, default=1.0)
     if len(factors) != dim // 2 or factor <= 1:
         return None
-    # 1 / wavelength per pair, rising with frequency; in the band between the edges the factor's inverse falls
-    # linearly in it from 1 / factor (at the low edge) to 1 (at the high edge)
+    # 1 / wavelength per pair (falling from the first pair, the fastest, to the last); in the band between the edges
+    # the factor's inverse rises linearly in it from 1 / factor (at the low edge) to 1 (at the high edge)
     inverse = [1 / (2 * math.pi * base ** (2 * pair / dim)) for pair in range(dim // 2)]
     band = [(x, (1 / f - 1 / factor) / (1 - 1 / factor)) for x, f in zip(inverse, factors)
             if not math.isclose(f, 1, rel_tol=1e-5) and not math.isclose(f, factor, rel_tol=1e-5)]

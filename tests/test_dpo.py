@@ -82,6 +82,21 @@ def test_dpo_starts_at_ln2_and_saves_its_lineage(dpo_run):
     assert (lineage["base"], lineage["adapters"]) == ("../pretrain", ["../sft", "."])  # relative: the folder can move
 
 
+def test_the_run_summary_shows_what_each_stage_did_on_held_out_data(dpo_run, capsys):
+    """The lines `pipeline run` ends with: each training stage's held-out change, read from its stage.json."""
+    from pipeline.cli import _print_summary
+
+    run_dir, records = dpo_run
+    _print_summary(load_recipe(run_dir.parent.parent / "dpo.yaml"), records)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    sft, dpo = records["sft"]["metrics"], records["dpo"]["metrics"]
+    assert "held-out perplexity" in lines["pretrain"] and "held-out" not in lines["tokenizer"]
+    assert (f"held-out answer accuracy {sft['heldout_before']['answer_accuracy']:.3f} -> "
+            f"{sft['heldout_after']['answer_accuracy']:.3f}, habit ") in lines["sft"]
+    assert (f"preference accuracy 0.500 -> {dpo['heldout_after']['reward_accuracy']:.3f}, "
+            f"KL from reference {dpo['heldout_after']['kl_from_reference']:.3f}") in lines["dpo"]
+
+
 def test_rebuilt_policy_equals_in_memory_policy_and_reference_is_sft(dpo_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
