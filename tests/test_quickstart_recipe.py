@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.artifacts import read_json
 from pipeline.data.world import world_options, write_world
@@ -76,3 +77,31 @@ def test_quickstart_shows_every_stage_doing_its_job(world_seed, tmp_path, monkey
     rows = [json.loads(line) for line in (run_dir / "eval" / "transcripts.jsonl").read_text().splitlines()]
     assert len(rows) == 125 and len({row["sft"] for row in rows}) >= 0.90 * len(rows)
     assert sum(row["answer"] in row["sft"] for row in rows) >= 0.90 * len(rows)
+
+
+@pytest.mark.skipif(not os.environ.get("PIPELINE_LONG_TESTS"),
+                    reason="pretrains the quickstart's model (about 2.5 minutes on 2 CPU cores with bf16 hardware), "
+                           "then sft and rl; set PIPELINE_LONG_TESTS=1 to run it")
+def test_rl_with_the_rule_alone_raises_held_out_accuracy_where_sft_is_often_wrong(tmp_path, monkeypatch):
+    """Issue 16: with the world's rule as its only reward (the right fact, no preamble), rl raises held-out answer
+    accuracy above its SFT model's where that model is often wrong: SFT trained 1 epoch instead of 10. The rl
+    prompts are about the seen people only, so the gain is on people no stage trained on. Measured (2026-12-02,
+    family-26 EPYC, bf16): seed 0 0.320 -> 0.696, seed 1 0.424 -> 0.792; from 2 and 3 epochs 0.552 -> 0.832,
+    0.696 -> 0.968 (seed 0) and 0.512 -> 0.992, 0.608 -> 1.000 (seed 1); from the recipe's 10, 0.976 -> 1.000."""
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    del recipe["dpo"], recipe["eval"]
+    recipe["sft"]["epochs"] = 1
+    recipe["rl"] = {"train_data": [f"{WORLD}/dpo_train.jsonl"], "eval_data": [f"{WORLD}/dpo_heldout.jsonl"],
+                    "answer_data": [f"{WORLD}/sft_heldout.jsonl"], "beta": 0.05, "num_generations": 4,
+                    "max_new_tokens": 40, "max_steps": 80, "global_batch_size": 16, "learning_rate": 5.0e-4}
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_recipe(load_recipe(path, [f"output_dir={tmp_path}"]))
+
+    sft = read_json(tmp_path / "quickstart" / "sft" / "stage.json")["metrics"]["heldout_after"]
+    rl = read_json(tmp_path / "quickstart" / "rl" / "stage.json")["metrics"]
+    assert sft["answer_accuracy"] <= 0.6, sft  # often wrong, as asked
+    assert rl["heldout_after"]["answer_accuracy"] >= sft["answer_accuracy"] + 0.2, rl["heldout_after"]
+    assert rl["heldout_after"]["habit_rate"] <= 0.01, rl["heldout_after"]
+    assert rl["heldout_before"]["answer_accuracy"] == sft["answer_accuracy"]  # rl starts from that model
