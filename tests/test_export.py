@@ -502,6 +502,13 @@ def test_a_llama3_rope_travels_through_gguf_as_llama_cpps_rope_freqs(dpo_run, tm
         assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
         unscaled = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits
         assert (unscaled - expected).abs().max() > 1 < expected.abs().max()
+    recipe = tmp_path / "base.yaml"  # the base stage says which rope it read, and keeps it in stage.json
+    recipe.write_text(json.dumps({"name": "l3", "base": {"path": str(tmp_path / "llama3.gguf"),
+                                                          "chat_template": "chatml"}}))
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'runs'}"]) == 0
+    assert "(llama, rope llama3 x4.0)" in capsys.readouterr().out
+    stage = json.loads((tmp_path / "runs" / "l3" / "base" / "stage.json").read_text())
+    assert stage["metrics"]["rope_parameters"] == LLAMA3_ROPE
 
     monkeypatch.setattr("pipeline.gguf_export.llama3_rope_factors",  # a per-dimension rope of another shape
                         lambda rope, dim: [1.0, 3.0, 1.5, 4.0, 2.0, 4.0, 4.0, 4.0])

@@ -87,10 +87,12 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
             if difference > 1e-4 * max(1.0, largest):
                 raise PipelineError(f"base: the imported folder's logits differ from the GGUF load by {difference} "
                                     f"(largest logit {largest:.1f})")
+            rope = getattr(model.config, "rope_parameters", None) or {}
             metrics.update(parameters=count_parameters(model)[1], import_max_logit_difference=difference,
-                           architecture=model.config.model_type)
-            ctx.log(f"imported {metrics['parameters'] / 1e6:.0f}M parameters ({model.config.model_type}) into "
-                    f"{ctx.out_dir}; logits equal the GGUF load (max difference {difference:.1e})")
+                           architecture=model.config.model_type, rope_parameters=rope)
+            ctx.log(f"imported {metrics['parameters'] / 1e6:.0f}M parameters ({model.config.model_type}, rope "
+                    f"{_rope_kinds(rope)}) into {ctx.out_dir}; logits equal the GGUF load (max difference "
+                    f"{difference:.1e})")
             del model, reloaded
         source = ctx.out_dir
     else:
@@ -107,3 +109,14 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
     ctx.accelerator.wait_for_everyone()
     metrics["import_s"] = round(time.perf_counter() - started, 2)
     return metrics
+
+
+def _rope_kinds(rope: dict) -> str:
+    """'llama3 x8.0', or per layer type 'full_attention linear x8.0, sliding_attention default': the rope the file
+    was read with (pipeline/gguf_hparams.py), said where a user can see a scaling was kept."""
+    def one(params: dict) -> str:
+        kind = params.get("rope_type", "default")
+        return f"{kind} x{params['factor']}" if params.get("factor") and kind != "default" else kind
+
+    per_layer_type = {name: params for name, params in rope.items() if isinstance(params, dict)}
+    return ", ".join(f"{name} {one(params)}" for name, params in per_layer_type.items()) or one(rope)
