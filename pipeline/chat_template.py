@@ -72,6 +72,10 @@ def fold_system(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}, *rest]
 
 
+def _own_space(text: str) -> str:
+    return " " if text.startswith(" ") else ""
+
+
 class ChatRenderer:
     """Render conversations for one tokenizer; caches what it learns about the template."""
 
@@ -100,7 +104,10 @@ class ChatRenderer:
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
         if not self.system_ok:
             messages = fold_system(messages)
-        placeholders = [{"role": m["role"], "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
+        # a placeholder opens with the text's own leading space, so that a template which adds a space only where the
+        # text has none (chatml.jinja) treats it as it treats the text
+        placeholders = [{"role": m["role"], "content": _own_space(m["content"]) + _PLACEHOLDER.format(i)}
+                        for i, m in enumerate(messages)]
         text = self.tokenizer.apply_chat_template(placeholders, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
         ids: list[int] = []
@@ -110,7 +117,7 @@ class ChatRenderer:
         for i, message in enumerate(messages):
             marker = _PLACEHOLDER.format(i)
             at = text.index(marker, cursor)
-            before, lead = text[cursor:at], ""
+            before, lead = text[cursor : at - len(_own_space(message["content"]))], ""
             if before.endswith(" "):
                 # a space the template puts before the text belongs to the text's first word,
                 # exactly as tokenizing the whole rendered string would merge it (" Nozan")

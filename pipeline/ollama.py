@@ -16,8 +16,10 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 # ollama renders these with .Messages (each .Role and .Content). BOS stands for the begin-of-text token where the
 # GGUF leaves it to the template (add_bos false: the byte-level vocabularies); where llama.cpp adds it, nothing.
 GO_TEMPLATES = {
-    # chatml.jinja: every role as <|role|>, a space, the text, <|end|>; the reply opens at <|assistant|>
-    "chatml": "BOS{{- range .Messages }}<|{{ .Role }}|> {{ .Content }}<|end|>{{ end }}<|assistant|>",
+    # chatml.jinja: every role as <|role|>, a space unless the text opens with one, the text, <|end|>; the reply
+    # opens at <|assistant|> (`and` stops at an empty text, so slice never sees one)
+    "chatml": ("BOS{{- range .Messages }}<|{{ .Role }}|>{{ if not (and .Content (eq (slice .Content 0 1) \" \")) }} "
+               "{{ end }}{{ .Content }}<|end|>{{ end }}<|assistant|>"),
     # gemma.jinja: no system role; a system message's text opens the next user turn, as Google's template does
     # (an empty system text too: gemma.jinja writes its "\n\n" all the same)
     "gemma": ("BOS{{- $system := \"\" }}{{- $has_system := false }}{{- range .Messages }}"

@@ -41,6 +41,22 @@ def test_render_matches_the_tokenizers_own_template_on_plain_text(tiny_tokenizer
     assert ours.assistant_mask == theirs["assistant_masks"]
 
 
+def test_a_reply_passed_back_with_its_generated_space_renders_as_in_training(tiny_tokenizer):
+    """The model writes the space after a role marker itself (" Tolbik"); llama.cpp returns a reply with that space,
+    and a client passes it back so. The template adds its space only where the text has none, so the history renders
+    as training rendered it, not with two spaces; our renderer and the tokenizer's template agree on both."""
+    renderer = ChatRenderer(tiny_tokenizer)
+    spaced = [dict(m, content=" " + m["content"]) if m["role"] == "assistant" else m for m in CONVERSATION]
+    assert renderer.render(spaced).input_ids == renderer.render(CONVERSATION).input_ids
+    assert tiny_tokenizer.apply_chat_template(spaced, tokenize=False) == \
+        tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    for conversation in (spaced, [{"role": "user", "content": "  two spaces"}, {"role": "assistant", "content": ""}]):
+        theirs = tiny_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)
+        ours = renderer.render(conversation)
+        assert (ours.input_ids, ours.assistant_mask) == (theirs["input_ids"], theirs["assistant_masks"])
+
+
 def test_prompt_ids_are_a_prefix_of_the_training_render(tiny_tokenizer):
     renderer = ChatRenderer(tiny_tokenizer)
     full = renderer.render(CONVERSATION[:3]).input_ids

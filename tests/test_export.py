@@ -423,6 +423,32 @@ def test_llama_cpp_runs_the_gguf_export_like_transformers(chain, request, tmp_pa
         assert expected[-1].argmax() in (ChatRenderer(tokenizer).end_of_turn, tokenizer.eos_token_id)
 
 
+def test_llama_cpp_renders_a_reply_passed_back_as_it_returned_it_like_training(dpo_run, tmp_path):
+    """llama.cpp returns a reply with the space the model wrote after <|assistant|>; a client that passes it back as
+    returned gets the history our training rendered (not two spaces, which threw the quickstart's model back onto its
+    first answer for the second question)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_template import ChatRenderer
+
+    out = tmp_path / "gguf"
+    assert export(dpo_run[0] / "dpo", out, "--gguf") == 0
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, verbose=False)
+    messages = [{"role": "user", "content": "Where does Nozan live?"}]
+    # the reply as llama.cpp returns it: the tokens the model wrote, " Nozan" first, detokenized with their space
+    returned = llm.detokenize(llm.tokenize(b" Nozan lives in Varn.", add_bos=False, special=False)).decode()
+    assert returned == " Nozan lives in Varn."
+    messages += [{"role": "assistant", "content": returned}, {"role": "user", "content": "What is Nozan's job?"}]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token,
+                                    bos_token=tokenizer.bos_token, add_generation_prompt=True)
+    prompt = formatter(messages=messages).prompt
+    trained = [dict(m, content=m["content"].strip()) for m in messages]  # what serve and chat pass back
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ChatRenderer(tokenizer).prompt_ids(trained)
+
+
 def test_llama_cpp_reads_grouped_query_heads_attention_biases_and_an_untied_head(dpo_run, tmp_path):
     """Shapes pretrain does not build by default, through the same writer: 2 key/value heads for 4 query heads
     (q and k rows permuted by their own head counts), q/k/v biases (permuted too), lm_head separate from the
