@@ -117,7 +117,9 @@ class ChatRenderer:
         for i, message in enumerate(messages):
             marker = _PLACEHOLDER.format(i)
             at = text.index(marker, cursor)
-            before, lead = text[cursor : at - len(_own_space(message["content"]))], ""
+            before, lead = text[cursor:at], ""
+            if _own_space(message["content"]) and before.endswith(" "):
+                before = before[:-1]  # the placeholder's own space: the text's, tokenized with it below
             if before.endswith(" "):
                 # a space the template puts before the text belongs to the text's first word,
                 # exactly as tokenizing the whole rendered string would merge it (" Nozan")
