@@ -4,7 +4,8 @@ gguf.GGUFReader would answer too, but it turns every vocabulary entry into a num
 Gemma's 262,144 tokens), and a truncated file fails inside numpy with a reshape error. This reads
 the header sequentially: the architecture, the chat template if any, the hyperparameters (what the
 base stage's import completes transformers' config with: pipeline/gguf_hparams.py), the tensor names,
-and whether the tensor data the header promises is all in the file.
+the values of the small rope factor tensors (Llama 3.1's rope_freqs, read back as its llama3 rope), and
+whether the tensor data the header promises is all in the file.
 """
 
 from __future__ import annotations
