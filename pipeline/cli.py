@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = verbs.add_parser("chat", help="talk to a stage's model (reads standard input, so it can be piped)",
                             description="Multi-turn chat with PATH: a full model folder (runs/x/pretrain) or an "
                             "adapter stage (runs/x/sft, runs/x/dpo; its lineage is rebuilt). One message per line; "
-                            "replies stream and stop at the end-of-turn token. Commands: /reset, /system TEXT, /quit.")
+                            "replies stream and stop at the end-of-turn token. Commands: /reset, /system TEXT, /help, "
+                            "/quit.")
     chat.add_argument("path", help="a stage folder, e.g. runs/quickstart/dpo")
     chat.add_argument("--compare", metavar="PATH", help="a second model answering the same messages, side by side")
     chat.add_argument("--system", help="system message for the conversation")

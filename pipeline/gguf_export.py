@@ -10,14 +10,16 @@ repository, not a package, so the few steps it takes for the architectures we tr
   but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, Gemma-3's
   sliding layers get their own rope base, and linear rope scaling (Gemma-3 4B and larger, on the global layers) the
   factor llama.cpp applies; Llama 3.1's "llama3" rope goes in as the per-dimension factors its converter computes
-  (the rope_freqs tensor);
+  (the rope_freqs tensor); Phi-3's fused qkv and gate-up matrices go in whole (llama.cpp splits them), and its
+  long-context "longrope" as the long and short factor tensors, the original context and the attention factor
+  (Phi3MiniModel in the converter), the rotary width as `rope.dimension_count` (Phi-4-mini rotates 3/4 of a head);
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
   llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
   its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
   one; the end-of-turn token is the end-of-generation token, and the chat template travels in the file.
 
-Llama, Gemma-2 and Gemma-3 (the architectures `pretrain` builds and the Gemma bases) are written; anything else gets a
-clear error naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
+Llama, Gemma-2, Gemma-3 (the architectures `pretrain` builds and the Gemma bases) and Phi-3 are written; anything else
+gets a clear error naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
 tests/test_export.py reads files back with transformers' GGUF loader and, where llama-cpp-python is installed, runs
 them in llama.cpp (ids, logits, a chat reply through the file's template).
 """
@@ -25,6 +27,7 @@ them in llama.cpp (ids, logits, a chat reply through the file's template).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.gguf_hparams import GEMMA, llama3_rope_factors, llama_score_dim, sliding_pattern
 
 # transformers model_type -> gguf.MODEL_ARCH member
-ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
+ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3"}
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -48,9 +51,9 @@ QUANTIZATIONS = {"q8_0": "Q8_0"}
 def require_writable(model_type: str) -> None:
     """One clear line for an architecture this module does not write."""
     if model_type not in ARCHITECTURES:
-        raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds and the "
-                            f"Gemma bases); this model is {model_type}. Export it without --gguf and convert that "
-                            "folder with llama.cpp's convert_hf_to_gguf.py")
+        raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds, the "
+                            f"Gemma bases and Phi-3); this model is {model_type}. Export it without --gguf and "
+                            "convert that folder with llama.cpp's convert_hf_to_gguf.py")
 
 
 def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: str,
@@ -100,6 +103,10 @@ def write_gguf(model, tokenizer, path: Path, end_of_turn_id: int | None, name: s
     if rope.get("rope_type") == "llama3":  # llama.cpp's converter writes Llama 3.1's rope as per-dimension factors
         factors = np.array(llama3_rope_factors(rope, _head_dim(config)), dtype=np.float32)
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+    elif rope.get("rope_type") == "longrope":  # Phi-3's: llama.cpp picks one set by the context it runs with
+        for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                          (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            writer.add_tensor(gguf.TENSOR_NAMES[kind] + ".weight", np.array(rope[key], dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -122,8 +129,9 @@ def _rope(config) -> tuple[float, float | None, float | None]:
     scaled = per_layer_type.get("full_attention", rope)  # the layers llama.cpp scales
     for layers, params in (per_layer_type or {"": rope}).items():
         kind = params.get("rope_type", "default")
-        llama3 = kind == "llama3" and config.model_type == "llama"  # written as rope_freqs by write_gguf
-        if kind != "default" and not (kind == "linear" and params is scaled) and not llama3:
+        # written as tensors by write_gguf: Llama 3.1's rope_freqs, Phi-3's long and short factors
+        as_tensors = (kind, config.model_type) in (("llama3", "llama"), ("longrope", "phi3"))
+        if kind != "default" and not (kind == "linear" and params is scaled) and not as_tensors:
             where = f" on the {layers.replace('_', ' ')} layers" if layers else ""
             raise PipelineError(f"GGUF export: rope scaling {kind!r}{where} is not written; export without --gguf "
                                 "and convert with llama.cpp's convert_hf_to_gguf.py")
@@ -144,7 +152,7 @@ def _hyperparameters(writer, config, file_type) -> None:
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(_rotary_dim(config))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -154,7 +162,9 @@ def _hyperparameters(writer, config, file_type) -> None:
         writer.add_rope_scaling_factor(rope_factor)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
-    if config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
+    if config.model_type == "phi3":
+        _phi3_hyperparameters(writer, config)
+    elif config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
         unset = [key for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
                  if not getattr(config, key, None)]
         if unset:  # llama.cpp puts its own defaults (50, 30, 4096) where the file names none: other logits
@@ -180,6 +190,28 @@ def _hyperparameters(writer, config, file_type) -> None:
         writer.add_value_length(head_dim)
 
 
+def _rotary_dim(config) -> int:
+    """How many of a head's dimensions the rope turns (Phi-4-mini: 3/4 of them; llama.cpp's n_rot)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(_head_dim(config) * partial)
+
+
+def _phi3_hyperparameters(writer, config) -> None:
+    """What llama.cpp's Phi3MiniModel writes besides: the original context (where longrope switches to its long
+    factors), the sliding window (0 for none; llama.cpp's Phi-3 attends to the whole context either way) and
+    longrope's attention factor (the one transformers computes where the config names none)."""
+    rope = config.rope_parameters or {}
+    original = rope.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None) or config.max_position_embeddings
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+    if rope.get("rope_type") == "longrope":
+        scale = rope.get("factor") or config.max_position_embeddings / original
+        default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        writer.add_rope_scaling_attn_factors(float(rope.get("attention_factor") or default))
+
+
 def _tensors(model):
     """(transformers name, tensor) in file order, as llama.cpp computes with them; no tied output copy."""
     config = model.config
@@ -201,6 +233,9 @@ def _tensors(model):
             if name.endswith(query_tensors) and query_scale != 1.0:
                 tensor = tensor * query_scale
             yield name, tensor  # rotary in llama.cpp's NEOX order, which is transformers' own: no permutation
+            continue
+        if config.model_type == "phi3":  # NEOX order too; qkv_proj and gate_up_proj stay fused as llama.cpp reads them
+            yield name, tensor
             continue
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             tensor = _permute(tensor, heads)

@@ -9,6 +9,8 @@ base onto the config and takes its class defaults for the rest. Those defaults a
 2B/9B's, so without `complete_config` the other Gemma files would load as other models, silently: Gemma-3 4B and
 larger scale their global layers' positions by 8 (`rope.scaling`), the 27B models scale attention scores by
 hidden/heads instead of head_dim, and a file may carry its own sliding layout, sliding rope base or soft caps.
+Its Phi-3 mapping reads neither the rotary width (Phi-4-mini turns 3/4 of each head) nor the long-context rope
+(Phi-3.5, Phi-3 128k, Phi-4-mini), so those would load with a full-width, unscaled rope.
 """
 
 from __future__ import annotations
@@ -132,6 +134,34 @@ def file_llama3_rope(architecture: str, fields: dict, rope_factors: dict | None)
     return llama3_rope_from_factors(factors, float(fields.get("llama.rope.freq_base", 10000.0)), int(dim))
 
 
+def file_longrope(architecture: str, fields: dict, rope_factors: dict | None) -> dict | None:
+    """A Phi-3 file's "longrope" (Phi-3.5, Phi-3 128k, Phi-4-mini): its long and short factor tensors, the original
+    context llama.cpp switches between them at, and the attention factor where it is not the one transformers
+    computes itself; None where the file has no such rope."""
+    factors = rope_factors or {}
+    long, short = factors.get("rope_factors_long.weight"), factors.get("rope_factors_short.weight")
+    original = fields.get(f"{architecture}.rope.scaling.original_context_length")
+    if architecture != "phi3" or long is None or short is None or len(long) != len(short) or not original:
+        return None
+    rope = {"rope_type": "longrope", "rope_theta": float(fields.get("phi3.rope.freq_base", 10000.0)),
+            "long_factor": long, "short_factor": short, "original_max_position_embeddings": int(original)}
+    scale = fields.get("phi3.context_length", original) / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    stored = fields.get("phi3.rope.scaling.attn_factor")
+    if stored is not None and not math.isclose(stored, default, rel_tol=1e-6):  # the file's float32 rounding off
+        rope["attention_factor"] = float(stored)
+    return rope
+
+
+def partial_rotary_factor(architecture: str, fields: dict) -> float | None:
+    """The share of each head the rope turns where a file says it is not all of it (`rope.dimension_count`)."""
+    hidden, heads = fields.get(f"{architecture}.embedding_length"), fields.get(f"{architecture}.attention.head_count")
+    rotary = fields.get(f"{architecture}.rope.dimension_count")
+    if not (hidden and heads and rotary) or rotary == hidden // heads:
+        return None
+    return rotary / (hidden // heads)
+
+
 def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF",
                           rope_factors: dict | None = None) -> None:
     """One line for a GGUF file whose rope transformers' GGUF loader would drop and a config cannot be completed
@@ -142,12 +172,13 @@ def require_readable_rope(architecture: str, fields: dict, tensor_names, where: 
     scaling = fields.get(f"{architecture}.rope.scaling.type", "linear")
     dropped = [name for name in ROPE_FACTOR_TENSORS
                if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())
-               and not (name == "rope_freqs.weight" and file_llama3_rope(architecture, fields, rope_factors))]
+               and not (name == "rope_freqs.weight" and file_llama3_rope(architecture, fields, rope_factors))
+               and not (name != "rope_freqs.weight" and file_longrope(architecture, fields, rope_factors))]
     if scaling in ("none", "linear") and not dropped:
         return
     what = f"rope scaling {scaling!r}" if scaling not in ("none", "linear") else \
-        f"per-dimension rope factors ({dropped[0]}, as Phi-3 long-context files have; a Llama file's are read where " \
-        "they are a llama3 rope's)"
+        f"per-dimension rope factors ({dropped[0]}; a Llama file's are read where they are a llama3 rope's, a " \
+        "Phi-3 file's where it has both the long and the short ones)"
     raise PipelineError(f"{where}: this {architecture} file scales its rope with {what}, which transformers' GGUF "
                         "loader does not read; give base.path the model's hub id or safetensors folder instead")
 
@@ -171,6 +202,14 @@ def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: 
             raise PipelineError("GGUF: this llama file scales its rope twice (rope_freqs and a linear factor), "
                                 "which transformers cannot represent")
         config.rope_parameters = llama3
+        return config
+    if arch == "phi3":  # sliding_window stays unset: llama.cpp's Phi-3 attends to the whole context
+        partial = partial_rotary_factor(arch, fields)
+        longrope = file_longrope(arch, fields, rope_factors)
+        config.rope_parameters = {**(config.rope_parameters or {}), **(longrope or {}),
+                                  **({"partial_rotary_factor": partial} if partial else {})}
+        if longrope:
+            config.original_max_position_embeddings = longrope["original_max_position_embeddings"]
         return config
     factor = linear_rope_factor(arch, fields)
     linear = {"rope_type": "linear", "factor": factor} if factor else None

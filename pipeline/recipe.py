@@ -564,7 +564,7 @@ class EvalConfig:
     max_new_tokens: int = option(48, "tokens generated per answer", min=1)
     generation_batch_size: int = option(32, "held-out prompts answered per generate call; halved automatically "
                                             "when memory runs out", min=1)
-    kl_prompts: int = option(100, "prompts used for the dpo stage's KL estimate", min=1)
+    kl_prompts: int = option(100, "prompts used for each stage's KL estimate from the model it started from", min=1)
     transcripts: int = option(5, "questions shown with every stage's answer side by side in report.md", min=0)
 
 

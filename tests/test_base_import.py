@@ -118,6 +118,30 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
     fields = {"general.architecture": "llama", "llama.rope.freq_base": 500000.0, "llama.rope.dimension_count": 128}
     assert complete_config(LlamaConfig(**real), fields, {"rope_freqs.weight"},
                            {"rope_freqs.weight": factors}).rope_parameters == llama31
+    # Phi-3.5-mini's longrope (48 long and 48 short factors, 4,096 -> 131,072 positions) and Phi-4-mini's partial
+    # rotary width (96 of 128 dimensions), which transformers' Phi-3 GGUF mapping leaves out
+    from transformers import Phi3Config
+
+    long, short = np.float32(np.linspace(1.0, 40.0, 48)).tolist(), np.float32(np.linspace(1.0, 2.5, 48)).tolist()
+    phi35 = {"general.architecture": "phi3", "phi3.embedding_length": 3072, "phi3.attention.head_count": 32,
+             "phi3.rope.dimension_count": 96, "phi3.context_length": 131072, "phi3.rope.freq_base": 10000.0,
+             "phi3.rope.scaling.original_context_length": 4096,
+             "phi3.rope.scaling.attn_factor": float(np.float32((1 + np.log(32) / np.log(4096)) ** 0.5))}
+    factor_tensors = {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
+    phi = complete_config(Phi3Config(hidden_size=3072, num_attention_heads=32, num_hidden_layers=1,
+                                     max_position_embeddings=131072), phi35, set(factor_tensors), factor_tensors)
+    assert phi.rope_parameters == {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": long,
+                                   "short_factor": short, "original_max_position_embeddings": 4096,
+                                   "partial_rotary_factor": 1.0}  # the attention factor is transformers' own
+    assert phi.original_max_position_embeddings == 4096
+    phi4 = {**phi35, "phi3.attention.head_count": 24, "phi3.rope.scaling.attn_factor": 1.5}
+    long96 = {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
+    phi = complete_config(Phi3Config(hidden_size=3072, num_attention_heads=24, num_hidden_layers=1,
+                                     max_position_embeddings=131072), phi4, set(long96), long96)
+    assert phi.rope_parameters["partial_rotary_factor"] == 0.75 and phi.rope_parameters["attention_factor"] == 1.5
+    for kept in ("rope_factors_long.weight", "rope_factors_short.weight"):  # one set alone is no longrope
+        with pytest.raises(PipelineError, match=f"per-dimension rope factors \\({kept}"):
+            require_readable_rope("phi3", phi35, {kept}, rope_factors={kept: factor_tensors[kept]})
     # Gemma-4's rope_freqs is the proportional rope transformers builds from its own config: not refused
 
     require_readable_rope("gemma4", {}, {"rope_freqs.weight"})

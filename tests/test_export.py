@@ -566,6 +566,98 @@ def test_llama_cpp_runs_a_llama3_rope_export_like_transformers(dpo_run, tmp_path
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3 * np.abs(expected).max()
 
 
+def sharp_phi3(vocab_size: int, rope: dict, original: int = 256):
+    """A 1-layer Phi-3 (fused qkv and gate-up matrices) with sharp attention, 1,024 positions of which `original`
+    are the original context longrope switches to its long factors after."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=1024, original_max_position_embeddings=original,
+                                       rope_parameters=dict(rope), pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scale = {"qkv_proj": 20, "lm_head": 50, "norm": 1}
+            parameter.mul_(next((v for key, v in scale.items() if key in name), 4))
+    return model.eval()
+
+
+# Phi-3.5 / Phi-4-mini's rope at a 16-wide head: longrope's short and long factors (float32-exact, as a file keeps
+# them) on the half of each head the rope turns (Phi-4-mini turns 3/4)
+PHI3_ROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+             "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 256}
+
+
+def test_a_phi3_longrope_travels_through_gguf_as_llama_cpp_reads_it(dpo_run, tmp_path, capsys):
+    """Phi-3.5, Phi-3 128k and Phi-4-mini scale their rope per frequency ("longrope": one set of factors up to the
+    original context, another past it) and may turn only part of each head; llama.cpp's converter writes both factor
+    sets as tensors, the original context and longrope's attention factor, and transformers' GGUF loader drops all of
+    it (and the rotary width). The export writes them, and the import reads them back: the model's logits, not the
+    unscaled full-width rope's. Factor sets that do not pair up are refused by `check` in one line."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_phi3(len(tokenizer), PHI3_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "phi3.gguf", tokenizer.eos_token_id, "tiny")
+    fields = gguf_fields(tmp_path / "phi3.gguf")
+    assert fields["phi3.rope.dimension_count"] == 8 and fields["phi3.rope.scaling.original_context_length"] == 256
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(256)) ** 0.5)
+    stored = {tensor.name: tensor.data.tolist() for tensor in gguf.GGUFReader(str(tmp_path / "phi3.gguf")).tensors}
+    assert stored["rope_factors_short.weight"] == PHI3_ROPE["short_factor"]
+    assert stored["rope_factors_long.weight"] == PHI3_ROPE["long_factor"]
+    assert "blk.0.attn_qkv.weight" in stored and "blk.0.ffn_up.weight" in stored  # fused, as llama.cpp reads them
+
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "phi3.gguf")), torch.float32).eval()
+    assert imported.config.rope_parameters == {**PHI3_ROPE}
+    ids = torch.tensor([tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
+        for other in ({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                      {**PHI3_ROPE, "partial_rotary_factor": 1.0, "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}):
+            assert (sharp_phi3(len(tokenizer), other)(input_ids=ids).logits - expected).abs().max() > 1
+    recipe = tmp_path / "base.yaml"  # the base stage says which rope it read
+    recipe.write_text(json.dumps({"name": "p3", "base": {"path": str(tmp_path / "phi3.gguf"),
+                                                          "chat_template": "chatml"}}))
+    assert main(["run", str(recipe), f"output_dir={tmp_path / 'runs'}"]) == 0
+    assert "(phi3, rope longrope)" in capsys.readouterr().out
+
+    model.config.rope_parameters["short_factor"] = [1.0, 1.25, 1.5]  # a long and a short set that do not pair up
+    write_gguf(model, tokenizer, tmp_path / "odd.gguf", tokenizer.eos_token_id, "odd")
+    recipe.write_text(json.dumps({"name": "o", "base": {"path": str(tmp_path / "odd.gguf"),
+                                                         "chat_template": "chatml"}}))
+    assert main(["check", str(recipe)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert len(out.splitlines()) == 1 and "per-dimension rope factors (rope_factors_long.weight" in out, out
+
+
+def test_llama_cpp_runs_a_phi3_longrope_export_like_transformers(dpo_run, tmp_path):
+    """Within the original context llama.cpp turns the rope by the short factors and scales it by the attention
+    factor, as transformers does (its cache in float32 here, so the match is to float rounding)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_phi3(len(tokenizer), PHI3_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "tiny")
+    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
+    f32 = 0  # GGML_TYPE_F32 for the attention cache
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False,
+                          type_k=f32, type_v=f32)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-4 * np.abs(expected).max()
+
+
 def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_would_not_apply(dpo_run, tmp_path):
     """Linear scaling (positions divided by the factor) goes in as llama.cpp's rope.scaling keys, which it applies to
     every layer but Gemma-3's sliding ones, and the GGUF import reads it back: other scalings, and scaled sliding
