@@ -141,7 +141,10 @@ def file_longrope(architecture: str, fields: dict, rope_factors: dict | None) ->
     factors = rope_factors or {}
     long, short = factors.get("rope_factors_long.weight"), factors.get("rope_factors_short.weight")
     original = fields.get(f"{architecture}.rope.scaling.original_context_length")
-    if architecture != "phi3" or long is None or short is None or len(long) != len(short) or not original:
+    hidden, heads = fields.get("phi3.embedding_length"), fields.get("phi3.attention.head_count")
+    rotary = fields.get("phi3.rope.dimension_count") or (hidden // heads if hidden and heads else None)
+    if architecture != "phi3" or long is None or short is None or not original or not rotary \
+            or not len(long) == len(short) == rotary // 2:
         return None
     rope = {"rope_type": "longrope", "rope_theta": float(fields.get("phi3.rope.freq_base", 10000.0)),
             "long_factor": long, "short_factor": short, "original_max_position_embeddings": int(original)}
@@ -203,15 +206,17 @@ def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: 
                                 "which transformers cannot represent")
         config.rope_parameters = llama3
         return config
+    factor = linear_rope_factor(arch, fields)
     if arch == "phi3":  # sliding_window stays unset: llama.cpp's Phi-3 attends to the whole context
         partial = partial_rotary_factor(arch, fields)
         longrope = file_longrope(arch, fields, rope_factors)
+        if longrope and factor:
+            raise PipelineError("GGUF: this phi3 file scales its rope twice (long-context factors and a linear "
+                                "factor), which transformers cannot represent")
         config.rope_parameters = {**(config.rope_parameters or {}), **(longrope or {}),
                                   **({"partial_rotary_factor": partial} if partial else {})}
         if longrope:
             config.original_max_position_embeddings = longrope["original_max_position_embeddings"]
-        return config
-    factor = linear_rope_factor(arch, fields)
     linear = {"rope_type": "linear", "factor": factor} if factor else None
     if model_type not in GEMMA:
         if linear:

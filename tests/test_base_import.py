@@ -142,6 +142,12 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
     for kept in ("rope_factors_long.weight", "rope_factors_short.weight"):  # one set alone is no longrope
         with pytest.raises(PipelineError, match=f"per-dimension rope factors \\({kept}"):
             require_readable_rope("phi3", phi35, {kept}, rope_factors={kept: factor_tensors[kept]})
+    narrow = {**phi35, "phi3.rope.dimension_count": 64}  # 48 factors for a rope over 64 dimensions
+    with pytest.raises(PipelineError, match="per-dimension rope factors"):
+        require_readable_rope("phi3", narrow, set(factor_tensors), rope_factors=factor_tensors)
+    with pytest.raises(PipelineError, match="scales its rope twice"):
+        complete_config(Phi3Config(hidden_size=3072, num_attention_heads=32, num_hidden_layers=1),
+                        {**phi35, "phi3.rope.scaling.factor": 2.0}, set(factor_tensors), factor_tensors)
     # Gemma-4's rope_freqs is the proportional rope transformers builds from its own config: not refused
 
     require_readable_rope("gemma4", {}, {"rope_freqs.weight"})
