@@ -10,7 +10,8 @@ repository, not a package, so the few steps it takes for the architectures we tr
   but for the 27B models); which layers slide goes in as a period (Gemma's layouts) or layer by layer, Gemma-3's
   sliding layers get their own rope base, and linear rope scaling (Gemma-3 4B and larger, on the global layers) the
   factor llama.cpp applies; Llama 3.1's "llama3" rope goes in as the per-dimension factors its converter computes
-  (the rope_freqs tensor); Phi-3's fused qkv and gate-up matrices go in whole (llama.cpp splits them), and its
+  (the rope_freqs tensor), a Llama's YaRN rope as its scaling type, factor and original context (llama.cpp scales it
+  with the betas and attention factor transformers' yarn defaults to, so other ones are refused); Phi-3's fused qkv and gate-up matrices go in whole (llama.cpp splits them), and its
   long-context "longrope" as the long and short factor tensors, the original context and the attention factor
   (Phi3MiniModel in the converter), the rotary width as `rope.dimension_count` (Phi-4-mini rotates 3/4 of a head);
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
@@ -131,6 +132,9 @@ def _rope(config) -> tuple[float, float | None, float | None]:
         kind = params.get("rope_type", "default")
         # written as tensors by write_gguf: Llama 3.1's rope_freqs, Phi-3's long and short factors
         as_tensors = (kind, config.model_type) in (("llama3", "llama"), ("longrope", "phi3"))
+        if kind == "yarn" and config.model_type == "llama":
+            _require_llama_cpps_yarn(params)
+            continue
         if kind != "default" and not (kind == "linear" and params is scaled) and not as_tensors:
             where = f" on the {layers.replace('_', ' ')} layers" if layers else ""
             raise PipelineError(f"GGUF export: rope scaling {kind!r}{where} is not written; export without --gguf "
@@ -160,6 +164,11 @@ def _hyperparameters(writer, config, file_type) -> None:
     if rope_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope_factor)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "yarn":  # as llama.cpp's converter writes it (TextModel.set_gguf_parameters)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     if config.model_type == "phi3":
@@ -188,6 +197,19 @@ def _hyperparameters(writer, config, file_type) -> None:
     if config.model_type in GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _require_llama_cpps_yarn(params: dict) -> None:
+    """A YaRN rope llama.cpp's Llama computes: it applies beta_fast 32, beta_slow 1, the attention factor
+    0.1 ln(factor) + 1 and truncated correction dimensions whatever a file says, as transformers' yarn does by
+    default; a rope that sets them otherwise would run differently there."""
+    others = {key: params[key] for key in ("attention_factor", "mscale", "mscale_all_dim") if params.get(key)}
+    others.update({key: params[key] for key, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True))
+                   if params.get(key) is not None and params[key] != default})
+    if others or not params.get("factor") or not params.get("original_max_position_embeddings"):
+        what = ", ".join(f"{key} {value}" for key, value in others.items()) or "no factor or original context"
+        raise PipelineError(f"GGUF export: this model's YaRN rope has {what}, which llama.cpp's llama does not "
+                            "apply; export without --gguf")
 
 
 def _rotary_dim(config) -> int:

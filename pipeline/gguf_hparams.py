@@ -10,7 +10,8 @@ base onto the config and takes its class defaults for the rest. Those defaults a
 larger scale their global layers' positions by 8 (`rope.scaling`), the 27B models scale attention scores by
 hidden/heads instead of head_dim, and a file may carry its own sliding layout, sliding rope base or soft caps.
 Its Phi-3 mapping reads neither the rotary width (Phi-4-mini turns 3/4 of each head) nor the long-context rope
-(Phi-3.5, Phi-3 128k, Phi-4-mini), so those would load with a full-width, unscaled rope.
+(Phi-3.5, Phi-3 128k, Phi-4-mini), so those would load with a full-width, unscaled rope; no mapping reads a YaRN
+scaling (Qwen2.5 and Qwen3's long-context files) or Llama 3.1's per-dimension factors.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def linear_rope_factor(architecture: str, fields: dict) -> float | None:
     factor = fields.get(f"{architecture}.rope.scaling.factor") or fields.get(f"{architecture}.rope.scale_linear")
     linear = fields.get(f"{architecture}.rope.scaling.type", "linear") == "linear"
     return float(factor) if linear and factor and factor != 1 else None
+
+
+# transformers configs that take a "yarn" rope, whose llama.cpp graphs scale a file's YaRN rope with llama.cpp's own
+# beta_fast 32, beta_slow 1 and attention factor 0.1 ln(factor) + 1 (a file's yarn_* keys are not read for them):
+# transformers' yarn with its defaults computes the same (Qwen2.5 and Qwen3's long-context files; tested on Llama)
+YARN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def file_yarn_rope(architecture: str, fields: dict) -> dict | None:
+    """A file's YaRN scaling (`rope.scaling.type` yarn) as transformers' "yarn" rope, or None."""
+    if architecture not in YARN_ARCHITECTURES or fields.get(f"{architecture}.rope.scaling.type") != "yarn":
+        return None
+    factor = fields.get(f"{architecture}.rope.scaling.factor")
+    original = fields.get(f"{architecture}.rope.scaling.original_context_length")
+    if not factor or factor <= 1 or not original:
+        return None
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original)}
 
 
 def llama3_rope_factors(rope: dict, dim: int) -> list[float]:
@@ -168,8 +186,9 @@ def partial_rotary_factor(architecture: str, fields: dict) -> float | None:
 def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF",
                           rope_factors: dict | None = None) -> None:
     """One line for a GGUF file whose rope transformers' GGUF loader would drop and a config cannot be completed
-    with: a scaling other than linear, or llama.cpp's per-dimension factors (Llama 3.1's rope_freqs tensor) unless
-    they are a llama3 rope's (`rope_factors`: the file's factor tensors' values)."""
+    with: a scaling other than linear (or YaRN on the architectures file_yarn_rope reads), or llama.cpp's
+    per-dimension factors unless they are a llama3 rope's or a Phi-3 longrope's (`rope_factors`: the file's factor
+    tensors' values)."""
     if architecture in ROPE_READ_BY_TRANSFORMERS:
         return
     scaling = fields.get(f"{architecture}.rope.scaling.type", "linear")
@@ -177,7 +196,7 @@ def require_readable_rope(architecture: str, fields: dict, tensor_names, where: 
                if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())
                and not (name == "rope_freqs.weight" and file_llama3_rope(architecture, fields, rope_factors))
                and not (name != "rope_freqs.weight" and file_longrope(architecture, fields, rope_factors))]
-    if scaling in ("none", "linear") and not dropped:
+    if (scaling in ("none", "linear") or file_yarn_rope(architecture, fields)) and not dropped:
         return
     what = f"rope scaling {scaling!r}" if scaling not in ("none", "linear") else \
         f"per-dimension rope factors ({dropped[0]}; a Llama file's are read where they are a llama3 rope's, a " \
@@ -201,9 +220,9 @@ def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: 
         return config
     llama3 = file_llama3_rope(arch, fields, rope_factors)
     if llama3:  # Llama 3.1+: transformers' loader drops the rope_freqs tensor and would run an unscaled rope
-        if linear_rope_factor(arch, fields):
-            raise PipelineError("GGUF: this llama file scales its rope twice (rope_freqs and a linear factor), "
-                                "which transformers cannot represent")
+        if linear_rope_factor(arch, fields) or file_yarn_rope(arch, fields):
+            raise PipelineError("GGUF: this llama file scales its rope twice (rope_freqs and a rope.scaling "
+                                "factor), which transformers cannot represent")
         config.rope_parameters = llama3
         return config
     factor = linear_rope_factor(arch, fields)
@@ -219,8 +238,9 @@ def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: 
             config.original_max_position_embeddings = longrope["original_max_position_embeddings"]
     linear = {"rope_type": "linear", "factor": factor} if factor else None
     if model_type not in GEMMA:
-        if linear:
-            config.rope_parameters = {**(config.rope_parameters or {}), **linear}
+        scaling = linear or file_yarn_rope(arch, fields)  # the loader maps neither
+        if scaling:
+            config.rope_parameters = {**(config.rope_parameters or {}), **scaling}
         return config
 
     base = float(field("rope.freq_base", 10000.0))

@@ -72,7 +72,7 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
     Gemma-2 slides every other layer under a window of 4,096 with soft caps 50 and 30; Gemma-3 slides 5 of every 6
     layers where the file names a window (none where it does not) with a sliding rope base of 10,000; a scaling
     factor without a type, or under the older rope.scale_linear key, is linear; type "none" scales nothing."""
-    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     from pipeline.errors import PipelineError
     from pipeline.gguf_hparams import complete_config
@@ -104,6 +104,14 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
 
     assert llama({"llama.rope.scale_linear": 2.0}) == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert llama({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 2.0})["rope_type"] == "default"
+    yarn = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 32768}  # Qwen2.5's long context, as its files write it
+    assert llama(yarn) == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                           "rope_theta": 10000.0}
+    qwen = complete_config(Qwen2Config(num_hidden_layers=1, **small), {"general.architecture": "qwen2",
+                                                                        **{k.replace("llama", "qwen2"): v
+                                                                           for k, v in yarn.items()}}, set())
+    assert qwen.rope_parameters["rope_type"] == "yarn" and qwen.rope_parameters["factor"] == 4.0
     for fields, tensors in [({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}, ()),
                             ({}, ("rope_freqs.weight",)), ({}, ("rope_factors_long.weight",))]:
         with pytest.raises(PipelineError, match="transformers' GGUF loader does not read"):

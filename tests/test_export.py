@@ -566,6 +566,54 @@ def test_llama_cpp_runs_a_llama3_rope_export_like_transformers(dpo_run, tmp_path
     assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3 * np.abs(expected).max()
 
 
+# a YaRN rope (Qwen2.5 / Qwen3's long context) over sharp_llama's 2,048 positions, 512 of them the original context
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}
+
+
+def test_a_yarn_rope_travels_through_gguf_as_llama_cpp_reads_it(dpo_run, tmp_path):
+    """YaRN goes in as llama.cpp's converter writes it (scaling type, factor, original context), which transformers'
+    GGUF loader does not map; the import reads it back: the model's logits, not the unscaled rope's."""
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_llama(len(tokenizer), YARN_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "yarn.gguf", tokenizer.eos_token_id, "yarn")
+    fields = gguf_fields(tmp_path / "yarn.gguf")
+    assert fields["llama.rope.scaling.type"] == "yarn" and fields["llama.rope.scaling.factor"] == 4.0
+    assert fields["llama.rope.scaling.original_context_length"] == 512
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "yarn.gguf")), torch.float32).eval()
+    assert {**imported.config.rope_parameters} == YARN_ROPE
+    ids = torch.tensor([tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
+        unscaled = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits
+        assert (unscaled - expected).abs().max() > 1
+
+
+def test_llama_cpp_runs_a_yarn_rope_export_like_transformers(dpo_run, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_llama(len(tokenizer), YARN_ROPE)
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "yarn")
+    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
+    f32 = 0  # GGML_TYPE_F32 for the attention cache: the match is to float rounding
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False,
+                          type_k=f32, type_v=f32)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-4 * np.abs(expected).max()
+
+
 def sharp_phi3(vocab_size: int, rope: dict, original: int = 256):
     """A 1-layer Phi-3 (fused qkv and gate-up matrices) with sharp attention, 1,024 positions of which `original`
     are the original context longrope switches to its long factors after."""
@@ -688,7 +736,8 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
         assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
         unscaled = llama({"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits  # the same weights
         assert (unscaled - expected).abs().max() > 1 < expected.abs().max()
-    for fields, tensors, named in [({"llama.rope.scaling.type": "yarn"}, set(), "rope scaling 'yarn'"),
+    for fields, tensors, named in [({"llama.rope.scaling.type": "yarn"}, set(), "rope scaling 'yarn'"),  # no factor
+                                   ({"llama.rope.scaling.type": "longrope"}, set(), "rope scaling 'longrope'"),
                                    ({}, {"rope_freqs.weight"}, "per-dimension rope factors")]:  # Llama 3.1's
         with pytest.raises(PipelineError, match=named):
             complete_config(scaled.config, {"general.architecture": "llama", **fields}, tensors)
@@ -696,10 +745,12 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
                tokenizer.eos_token_id, "plain")
     assert not any(key.startswith("llama.rope.scaling") for key in gguf.GGUFReader(str(tmp_path / "plain.gguf")).fields)
 
-    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     scaled_sliding = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                       "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10.0}}
-    for model, named in [(llama(yarn), "rope scaling 'yarn' is not written"),
+    for model, named in [(llama(dynamic), "rope scaling 'dynamic' is not written"),
+                         (llama({**YARN_ROPE, "beta_fast": 16.0}), "YaRN rope has beta_fast 16.0"),
+                         (llama({**YARN_ROPE, "attention_factor": 1.0}), "YaRN rope has attention_factor 1.0"),
                          (tiny_gemma("gemma3", len(tokenizer), rope_parameters=scaled_sliding),
                           "rope scaling 'linear' on the sliding attention layers is not written")]:
         with pytest.raises(PipelineError, match=named):
