@@ -11,8 +11,9 @@ repository, not a package, so the few steps it takes for the architectures we tr
   sliding layers get their own rope base, and linear rope scaling (Gemma-3 4B and larger, on the global layers) the
   factor llama.cpp applies; Llama 3.1's "llama3" rope goes in as the per-dimension factors its converter computes
   (the rope_freqs tensor), a Llama's YaRN rope as its scaling type, factor and original context (llama.cpp scales it
-  with the betas and attention factor transformers' yarn defaults to, so other ones are refused); Phi-3's fused qkv and gate-up matrices go in whole (llama.cpp splits them), and its
-  long-context "longrope" as the long and short factor tensors, the original context and the attention factor
+  with the betas and attention factor transformers' yarn defaults to, so other ones are refused); Phi-3's fused qkv
+  and gate-up matrices go in whole (llama.cpp splits them), and its long-context "longrope" as the long and short
+  factor tensors, the original context and the attention factor
   (Phi3MiniModel in the converter), the rotary width as `rope.dimension_count` (Phi-4-mini rotates 3/4 of a head);
 - the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
   llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
