@@ -549,23 +549,6 @@ def test_a_llama3_rope_travels_through_gguf_as_llama_cpps_rope_freqs(dpo_run, tm
     assert llama3_rope_factors(LLAMA3_ROPE, 16) != [1.0, 3.0, 1.5, 4.0, 2.0, 4.0, 4.0, 4.0]
 
 
-def test_llama_cpp_runs_a_llama3_rope_export_like_transformers(dpo_run, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
-    from transformers import AutoTokenizer
-
-    from pipeline.gguf_export import write_gguf
-
-    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
-    model = sharp_llama(len(tokenizer), LLAMA3_ROPE)
-    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "llama3")
-    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
-    llm.eval(ids)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-3 * np.abs(expected).max()
-
-
 # a YaRN rope (Qwen2.5 / Qwen3's long context) over sharp_llama's 2,048 positions, 512 of them the original context
 YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}
 
@@ -593,25 +576,6 @@ def test_a_yarn_rope_travels_through_gguf_as_llama_cpp_reads_it(dpo_run, tmp_pat
         assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
         unscaled = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits
         assert (unscaled - expected).abs().max() > 1
-
-
-def test_llama_cpp_runs_a_yarn_rope_export_like_transformers(dpo_run, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
-    from transformers import AutoTokenizer
-
-    from pipeline.gguf_export import write_gguf
-
-    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
-    model = sharp_llama(len(tokenizer), YARN_ROPE)
-    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "yarn")
-    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
-    f32 = 0  # GGML_TYPE_F32 for the attention cache: the match is to float rounding
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False,
-                          type_k=f32, type_v=f32)
-    llm.eval(ids)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 def sharp_phi3(vocab_size: int, rope: dict, original: int = 256):
@@ -685,19 +649,23 @@ def test_a_phi3_longrope_travels_through_gguf_as_llama_cpp_reads_it(dpo_run, tmp
     assert len(out.splitlines()) == 1 and "per-dimension rope factors (rope_factors_long.weight" in out, out
 
 
-def test_llama_cpp_runs_a_phi3_longrope_export_like_transformers(dpo_run, tmp_path):
-    """Within the original context llama.cpp turns the rope by the short factors and scales it by the attention
-    factor, as transformers does (its cache in float32 here, so the match is to float rounding)."""
+@pytest.mark.parametrize("kind", ["llama3", "yarn", "phi3 longrope"])
+def test_llama_cpp_runs_a_scaled_rope_export_like_transformers(kind, dpo_run, tmp_path):
+    """llama.cpp's own rope on the exported file: Llama 3.1's per-dimension factors, YaRN with llama.cpp's betas and
+    attention factor, Phi-3's short factors (within the original context) scaled by longrope's attention factor over
+    half of each head; the attention cache in float32, so the match is to float rounding."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
     from transformers import AutoTokenizer
 
     from pipeline.gguf_export import write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
-    model = sharp_phi3(len(tokenizer), PHI3_ROPE)
+    model = {"llama3": lambda: sharp_llama(len(tokenizer), LLAMA3_ROPE),
+             "yarn": lambda: sharp_llama(len(tokenizer), YARN_ROPE),
+             "phi3 longrope": lambda: sharp_phi3(len(tokenizer), PHI3_ROPE)}[kind]()
     write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "tiny")
     ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
-    f32 = 0  # GGML_TYPE_F32 for the attention cache
+    f32 = 0  # GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False,
                           type_k=f32, type_v=f32)
     llm.eval(ids)
