@@ -48,6 +48,14 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
 # what `quantization` may ask for: the types gguf's own quantizer writes that llama.cpp's converter offers (its
 # --outtype); the k-quants (Q4_K_M, ...) are llama.cpp's llama-quantize tool's job, run on the file this writes
 QUANTIZATIONS = {"q8_0": "Q8_0"}
+# the split regex of a byte-level BPE whose tokenizer.json splits with a Split before a ByteLevel that does not
+# (Llama 3's) -> llama.cpp's pre-tokenizer with that regex (src/llama-vocab.cpp). llama.cpp's converter recognises a
+# tokenizer by hashing its output on a test text; the regex itself is matched here, so another one is refused, not
+# split otherwise
+SPLIT_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "llama-bpe",
+}
 
 
 def require_writable(model_type: str) -> None:
@@ -281,9 +289,13 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     model, pre = backend["model"], backend.get("pre_tokenizer") or {}
     byte_level = _byte_level(backend)
     if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
-        raise PipelineError("GGUF export writes a byte-level BPE vocabulary (what the tokenizer stage trains) or a "
-                            "BPE with byte fallback (Gemma's, Llama-2's); this tokenizer is "
-                            f"{model.get('type')} with pre-tokenizer {pre.get('type')}")
+        raise PipelineError("GGUF export writes a byte-level BPE vocabulary (what the tokenizer stage trains, Llama "
+                            "3's) or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer is "
+                            f"{model.get('type')} with pre-tokenizer {json.dumps(pre)[:120]}")
+    if byte_level and backend.get("normalizer"):
+        raise PipelineError(f"GGUF export: this tokenizer's normalizer {json.dumps(backend['normalizer'])[:80]}, "
+                            "which llama.cpp's byte-level BPE does not apply (it would split text into other ids); "
+                            "export without --gguf")
     added_tokens = backend.get("added_tokens") or []
     ids = [*model["vocab"].values(), *(added["id"] for added in added_tokens)]
     if max(ids) >= vocab_size:
@@ -299,7 +311,7 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     merges = [m if isinstance(m, list) else m.split(" ", 1) for m in model.get("merges") or []]  # pairs
     if byte_level:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which ByteLevel(use_regex=True) applies
+        writer.add_tokenizer_pre(byte_level)  # the split regex by llama.cpp's name for it
         writer.add_token_merges([" ".join(pair) for pair in merges])
     else:
         for index, token in enumerate(tokens):
@@ -326,16 +338,26 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     return add_bos
 
 
-def _byte_level(backend: dict) -> bool:
+def _byte_level(backend: dict) -> str | None:
+    """llama.cpp's pre-tokenizer for a byte-level BPE's splitting: "gpt-2" for a ByteLevel pre-tokenizer that
+    splits with GPT-2's regex (what the tokenizer stage trains), a SPLIT_PRE_TOKENIZERS name for a known Split regex
+    before a ByteLevel that does not split (Llama 3's); None for anything else."""
     pre = backend.get("pre_tokenizer") or {}
-    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated" \
+            and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel" \
+            and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space"):
+        return SPLIT_PRE_TOKENIZERS.get((parts[0].get("pattern") or {}).get("Regex"))
+    return None
 
 
 def adds_bos(tokenizer, backend: dict | None = None) -> bool:
-    """The file's add_bos: whether llama.cpp puts the begin-of-text token before a prompt. Not for a byte-level
-    vocabulary (our chat template writes it); for a SentencePiece one as transformers adds it to raw text (llama.cpp
-    drops a chat template's own copy then)."""
-    if _byte_level(backend or json.loads(tokenizer.backend_tokenizer.to_str())):
+    """The file's add_bos: whether llama.cpp puts the begin-of-text token before a prompt. Not for the byte-level
+    vocabulary the tokenizer stage trains (our chat template writes it); for another as transformers adds it to raw
+    text (Llama 3's and SentencePiece ones; llama.cpp drops a chat template's own copy then)."""
+    if _byte_level(backend or json.loads(tokenizer.backend_tokenizer.to_str())) == "gpt-2":
         return False
     return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 

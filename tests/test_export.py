@@ -423,6 +423,69 @@ def test_llama_cpp_runs_the_gguf_export_like_transformers(chain, request, tmp_pa
         assert expected[-1].argmax() in (ChatRenderer(tokenizer).end_of_turn, tokenizer.eos_token_id)
 
 
+# what tells Llama 3's splitting from GPT-2's: digits in threes, contractions in any case, runs of newlines and spaces
+SPLIT_TEXTS = ("I'LL say it's 1234567 DON'T", "naïve café 😀  two  spaces\nand a line", "x\n\n\n  y\t\tz  ",
+               "    indented   code\n\n\n\tx = 1  # tab", "ünïcödé ∑ 日本語 テスト 2024-12-02", "a" + " " * 17 + "b\r\n")
+
+
+def split_like(tokenizer, folder: Path, regex: str, normalizer: dict | None = None):
+    """`tokenizer` with another splitting (`regex` in a Split before a ByteLevel that does not split, as Llama 3's
+    and Qwen2's tokenizer.json have it), saved to and loaded from `folder`."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(folder)
+    backend = json.loads((folder / "tokenizer.json").read_text())
+    backend["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    backend["normalizer"] = normalizer
+    (folder / "tokenizer.json").write_text(json.dumps(backend))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_gguf_export_names_llama_3s_splitting_and_refuses_splittings_it_does_not_know(dpo_run, tmp_path):
+    """A byte-level BPE that splits with Llama 3's regex goes in as llama.cpp's "llama-bpe" pre-tokenizer (the
+    tokenizer stage's own, GPT-2's, as "gpt-2"); another regex (Qwen2's, one digit at a time) or a normalizer is
+    refused in one line rather than written as a splitting llama.cpp would not reproduce."""
+    from transformers import AutoTokenizer
+
+    from pipeline.errors import PipelineError
+    from pipeline.gguf_export import SPLIT_PRE_TOKENIZERS, write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    model = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})
+    (llama3_regex,) = [regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == "llama-bpe"]
+    llama3 = split_like(tokenizer, tmp_path / "llama3-tok", llama3_regex)
+    assert any(llama3(text)["input_ids"] != tokenizer(text)["input_ids"] for text in SPLIT_TEXTS)  # another splitting
+    write_gguf(model, llama3, tmp_path / "llama3.gguf", llama3.eos_token_id, "tiny")
+    assert gguf_fields(tmp_path / "llama3.gguf")["tokenizer.ggml.pre"] == "llama-bpe"
+    write_gguf(model, tokenizer, tmp_path / "ours.gguf", tokenizer.eos_token_id, "tiny")
+    assert gguf_fields(tmp_path / "ours.gguf")["tokenizer.ggml.pre"] == "gpt-2"
+    qwen2_regex = llama3_regex.replace("\\p{N}{1,3}", "\\p{N}")
+    for other, named in [(split_like(tokenizer, tmp_path / "qwen2-tok", qwen2_regex), "Split"),
+                         (split_like(tokenizer, tmp_path / "nfc-tok", llama3_regex, {"type": "NFC"}), "normalizer")]:
+        with pytest.raises(PipelineError, match=named) as refused:
+            write_gguf(model, other, tmp_path / "refused.gguf", other.eos_token_id, "tiny")
+        assert len(str(refused.value).splitlines()) == 1
+
+
+def test_llama_cpp_splits_text_with_llama_3s_regex_like_transformers(dpo_run, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import SPLIT_PRE_TOKENIZERS, write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
+    (llama3_regex,) = [regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == "llama-bpe"]
+    llama3 = split_like(tokenizer, tmp_path / "llama3-tok", llama3_regex)
+    model = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})
+    write_gguf(model, llama3, tmp_path / "model.gguf", llama3.eos_token_id, "tiny")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
+    for text in SPLIT_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            llama3(text, add_special_tokens=False)["input_ids"], text
+
+
 def test_llama_cpp_renders_a_reply_passed_back_as_it_returned_it_like_training(dpo_run, tmp_path):
     """llama.cpp returns a reply with the space the model wrote after <|assistant|>; a client that passes it back as
     returned gets the history our training rendered (not two spaces, which threw the quickstart's model back onto its
