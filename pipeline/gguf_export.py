@@ -222,16 +222,20 @@ def _require_llama_cpps_yarn(params: dict) -> None:
 
 
 def _rotary_dim(config) -> int:
-    """How many of a head's dimensions the rope turns (Phi-4-mini: 3/4 of them; llama.cpp's n_rot)."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    """How many of a head's dimensions the rope turns (llama.cpp's n_rot): Phi-3's share of it (Phi-4-mini: 3/4);
+    the whole head for the others, whose transformers classes turn it all whatever the config says."""
+    if config.model_type != "phi3":
+        return _head_dim(config)
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor") or 1.0
     return int(_head_dim(config) * partial)
 
 
 def _phi3_hyperparameters(writer, config) -> None:
     """What llama.cpp's Phi3MiniModel writes besides: the original context (where longrope switches to its long
-    factors), the sliding window (0 for none; llama.cpp's Phi-3 attends to the whole context either way) and
-    longrope's attention factor (the one transformers computes where the config names none)."""
+    factors), the sliding window (0 for none) and longrope's attention factor (the one transformers computes where the
+    config names none). llama.cpp's Phi-3 ignores the window (it attends to the whole context and says so when it
+    loads the file), as its converter's files have it: Phi-3-mini-4k's 2,047-token window makes a difference only
+    past 2,047 tokens."""
     rope = config.rope_parameters or {}
     original = rope.get("original_max_position_embeddings") or getattr(
         config, "original_max_position_embeddings", None) or config.max_position_embeddings
@@ -289,9 +293,10 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     model, pre = backend["model"], backend.get("pre_tokenizer") or {}
     byte_level = _byte_level(backend)
     if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
-        raise PipelineError("GGUF export writes a byte-level BPE vocabulary (what the tokenizer stage trains, Llama "
-                            "3's) or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer is "
-                            f"{model.get('type')} with pre-tokenizer {json.dumps(pre)[:120]}")
+        raise PipelineError("GGUF export writes a byte-level BPE that splits text as GPT-2 (what the tokenizer stage "
+                            "trains) or Llama 3 do, or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer "
+                            f"is a {model.get('type')} that splits text otherwise (pre-tokenizer {pre.get('type')}), "
+                            "which llama.cpp is not known here to reproduce; export without --gguf")
     if byte_level and backend.get("normalizer"):
         raise PipelineError(f"GGUF export: this tokenizer's normalizer {json.dumps(backend['normalizer'])[:80]}, "
                             "which llama.cpp's byte-level BPE does not apply (it would split text into other ids); "
@@ -343,13 +348,16 @@ def _byte_level(backend: dict) -> str | None:
     splits with GPT-2's regex (what the tokenizer stage trains), a SPLIT_PRE_TOKENIZERS name for a known Split regex
     before a ByteLevel that does not split (Llama 3's); None for anything else."""
     pre = backend.get("pre_tokenizer") or {}
+    # llama.cpp's llama-bpe takes a word the vocabulary holds whole (ignore_merges), its gpt-2 merges it
+    ignores_merges = bool((backend.get("model") or {}).get("ignore_merges"))
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
+        return "gpt-2" if not ignores_merges else None
     parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
     if len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated" \
             and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel" \
             and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space"):
-        return SPLIT_PRE_TOKENIZERS.get((parts[0].get("pattern") or {}).get("Regex"))
+        name = SPLIT_PRE_TOKENIZERS.get((parts[0].get("pattern") or {}).get("Regex"))
+        return name if name and ignores_merges == (name == "llama-bpe") else None
     return None
 
 

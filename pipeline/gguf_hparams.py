@@ -74,16 +74,20 @@ def linear_rope_factor(architecture: str, fields: dict) -> float | None:
 # transformers configs that take a "yarn" rope, whose llama.cpp graphs scale a file's YaRN rope with llama.cpp's own
 # beta_fast 32, beta_slow 1 and attention factor 0.1 ln(factor) + 1 (a file's yarn_* keys are not read for them):
 # transformers' yarn with its defaults computes the same (Qwen2.5 and Qwen3's long-context files; tested on Llama)
-YARN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+YARN_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen2moe", "qwen3", "qwen3moe")  # general.architecture names
 
 
 def file_yarn_rope(architecture: str, fields: dict) -> dict | None:
-    """A file's YaRN scaling (`rope.scaling.type` yarn) as transformers' "yarn" rope, or None."""
+    """A file's YaRN scaling (`rope.scaling.type` yarn) as transformers' "yarn" rope, or None. As llama.cpp reads
+    it: the original context defaults to the file's context length, and a factor of 1 or less turns nothing."""
     if architecture not in YARN_ARCHITECTURES or fields.get(f"{architecture}.rope.scaling.type") != "yarn":
         return None
-    factor = fields.get(f"{architecture}.rope.scaling.factor")
-    original = fields.get(f"{architecture}.rope.scaling.original_context_length")
-    if not factor or factor <= 1 or not original:
+    factor = fields.get(f"{architecture}.rope.scaling.factor") or fields.get(f"{architecture}.rope.scale_linear")
+    if not factor or factor <= 1:
+        return {"rope_type": "default"}
+    original = fields.get(f"{architecture}.rope.scaling.original_context_length") \
+        or fields.get(f"{architecture}.context_length")
+    if not original:
         return None
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original)}
 
@@ -168,8 +172,8 @@ def file_longrope(architecture: str, fields: dict, rope_factors: dict | None) ->
             "long_factor": long, "short_factor": short, "original_max_position_embeddings": int(original)}
     scale = fields.get("phi3.context_length", original) / original
     default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
-    stored = fields.get("phi3.rope.scaling.attn_factor")
-    if stored is not None and not math.isclose(stored, default, rel_tol=1e-6):  # the file's float32 rounding off
+    stored = fields.get("phi3.rope.scaling.attn_factor", 1.0)  # llama.cpp's where the file names none
+    if not math.isclose(stored, default, rel_tol=1e-6):  # the file's float32 rounding off
         rope["attention_factor"] = float(stored)
     return rope
 
@@ -180,7 +184,11 @@ def partial_rotary_factor(architecture: str, fields: dict) -> float | None:
     rotary = fields.get(f"{architecture}.rope.dimension_count")
     if not (hidden and heads and rotary) or rotary == hidden // heads:
         return None
-    return rotary / (hidden // heads)
+    share = rotary / (hidden // heads)
+    if int(hidden // heads * share) != rotary:  # transformers turns int(head_dim * share) dimensions
+        raise PipelineError(f"GGUF: this {architecture} file turns {rotary} of each head's {hidden // heads} "
+                            "dimensions, which transformers' share of the head cannot give exactly")
+    return share
 
 
 def require_readable_rope(architecture: str, fields: dict, tensor_names, where: str = "GGUF",
@@ -196,6 +204,11 @@ def require_readable_rope(architecture: str, fields: dict, tensor_names, where: 
                if name in tensor_names and name not in ROPE_FROM_CONFIG.get(architecture, ())
                and not (name == "rope_freqs.weight" and file_llama3_rope(architecture, fields, rope_factors))
                and not (name != "rope_freqs.weight" and file_longrope(architecture, fields, rope_factors))]
+    attention = fields.get(f"{architecture}.rope.scaling.attn_factor", 1.0)
+    if attention != 1.0 and architecture != "phi3":  # llama.cpp multiplies every rope by it
+        raise PipelineError(f"{where}: this {architecture} file scales its rope's output by {attention} "
+                            "(rope.scaling.attn_factor), which transformers' GGUF loader does not read; give "
+                            "base.path the model's hub id or safetensors folder instead")
     if (scaling in ("none", "linear") or file_yarn_rope(architecture, fields)) and not dropped:
         return
     what = f"rope scaling {scaling!r}" if scaling not in ("none", "linear") else \

@@ -108,6 +108,10 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
             "llama.rope.scaling.original_context_length": 32768}  # Qwen2.5's long context, as its files write it
     assert llama(yarn) == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
                            "rope_theta": 10000.0}
+    # as llama.cpp reads YaRN: no original context is the file's own, a factor of 1 (or none) turns nothing
+    assert llama({**yarn, "llama.rope.scaling.original_context_length": None, "llama.context_length": 8192}
+                 )["original_max_position_embeddings"] == 8192
+    assert llama({**yarn, "llama.rope.scaling.factor": 1.0})["rope_type"] == "default"
     qwen = complete_config(Qwen2Config(num_hidden_layers=1, **small), {"general.architecture": "qwen2",
                                                                         **{k.replace("llama", "qwen2"): v
                                                                            for k, v in yarn.items()}}, set())
@@ -117,7 +121,7 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
         with pytest.raises(PipelineError, match="transformers' GGUF loader does not read"):
             llama(fields, tensors)
     # Llama 3.1's rope_freqs (float32, as its file stores them) read back as the config's own llama3 rope
-    from pipeline.gguf_hparams import llama3_rope_factors, require_readable_rope
+    from pipeline.gguf_hparams import llama3_rope_factors, partial_rotary_factor, require_readable_rope
 
     llama31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -142,6 +146,13 @@ def test_a_gguf_config_is_completed_with_llama_cpps_defaults_where_the_file_is_s
                                    "short_factor": short, "original_max_position_embeddings": 4096,
                                    "partial_rotary_factor": 1.0}  # the attention factor is transformers' own
     assert phi.original_max_position_embeddings == 4096
+    no_factor = {key: value for key, value in phi35.items() if key != "phi3.rope.scaling.attn_factor"}
+    phi = complete_config(Phi3Config(hidden_size=3072, num_attention_heads=32, num_hidden_layers=1,
+                                     max_position_embeddings=131072), no_factor, set(factor_tensors), factor_tensors)
+    assert phi.rope_parameters["attention_factor"] == 1.0  # llama.cpp's where the file names none
+    with pytest.raises(PipelineError, match="turns 30 of each head's 88"):
+        partial_rotary_factor("phi3", {"phi3.embedding_length": 88 * 4, "phi3.attention.head_count": 4,
+                                       "phi3.rope.dimension_count": 30})
     phi4 = {**phi35, "phi3.attention.head_count": 24, "phi3.rope.scaling.attn_factor": 1.5}
     long96 = {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
     phi = complete_config(Phi3Config(hidden_size=3072, num_attention_heads=24, num_hidden_layers=1,

@@ -439,6 +439,7 @@ def split_like(tokenizer, folder: Path, regex: str, normalizer: dict | None = No
         {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     backend["normalizer"] = normalizer
+    backend["model"]["ignore_merges"] = True  # as Llama 3's has it: a word the vocabulary holds is one token
     (folder / "tokenizer.json").write_text(json.dumps(backend))
     return AutoTokenizer.from_pretrained(folder)
 
@@ -462,7 +463,13 @@ def test_gguf_export_names_llama_3s_splitting_and_refuses_splittings_it_does_not
     write_gguf(model, tokenizer, tmp_path / "ours.gguf", tokenizer.eos_token_id, "tiny")
     assert gguf_fields(tmp_path / "ours.gguf")["tokenizer.ggml.pre"] == "gpt-2"
     qwen2_regex = llama3_regex.replace("\\p{N}{1,3}", "\\p{N}")
-    for other, named in [(split_like(tokenizer, tmp_path / "qwen2-tok", qwen2_regex), "Split"),
+    merging = split_like(tokenizer, tmp_path / "merging-tok", llama3_regex)  # Llama 3's regex, GPT-2's merging
+    backend = json.loads(merging.backend_tokenizer.to_str())
+    backend["model"]["ignore_merges"] = False
+    (tmp_path / "merging-tok" / "tokenizer.json").write_text(json.dumps(backend))
+    merging = AutoTokenizer.from_pretrained(tmp_path / "merging-tok")
+    for other, named in [(split_like(tokenizer, tmp_path / "qwen2-tok", qwen2_regex), "splits text otherwise"),
+                         (merging, "splits text otherwise"),
                          (split_like(tokenizer, tmp_path / "nfc-tok", llama3_regex, {"type": "NFC"}), "normalizer")]:
         with pytest.raises(PipelineError, match=named) as refused:
             write_gguf(model, other, tmp_path / "refused.gguf", other.eos_token_id, "tiny")
@@ -767,8 +774,8 @@ def test_gguf_export_writes_linear_rope_scaling_and_refuses_scalings_llama_cpp_w
         assert (imported(input_ids=ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
         unscaled = llama({"rope_type": "default", "rope_theta": 10000.0})(input_ids=ids).logits  # the same weights
         assert (unscaled - expected).abs().max() > 1 < expected.abs().max()
-    for fields, tensors, named in [({"llama.rope.scaling.type": "yarn"}, set(), "rope scaling 'yarn'"),  # no factor
-                                   ({"llama.rope.scaling.type": "longrope"}, set(), "rope scaling 'longrope'"),
+    for fields, tensors, named in [({"llama.rope.scaling.type": "longrope"}, set(), "rope scaling 'longrope'"),
+                                   ({"llama.rope.scaling.attn_factor": 1.5}, set(), "scales its rope's output by 1.5"),
                                    ({}, {"rope_freqs.weight"}, "per-dimension rope factors")]:  # Llama 3.1's
         with pytest.raises(PipelineError, match=named):
             complete_config(scaled.config, {"general.architecture": "llama", **fields}, tensors)
