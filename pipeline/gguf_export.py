@@ -15,13 +15,15 @@ repository, not a package, so the few steps it takes for the architectures we tr
   and gate-up matrices go in whole (llama.cpp splits them), and its long-context "longrope" as the long and short
   factor tensors, the original context and the attention factor
   (Phi3MiniModel in the converter), the rotary width as `rope.dimension_count` (Phi-4-mini rotates 3/4 of a head);
-- the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains) as
-  llama.cpp's "gpt2" with its merges, a BPE with byte fallback (Gemma's and Llama-2's SentencePiece vocabulary) as
-  its "llama" with the scores that order its merges; special tokens are control tokens, so text never turns into
-  one; the end-of-turn token is the end-of-generation token, and the chat template travels in the file.
+- the vocabulary goes in as the tokenizer is built: a byte-level BPE (what the tokenizer stage trains, Llama 3's,
+  Qwen's) as llama.cpp's "gpt2" with its merges and the pre-tokenizer named by its split regex, a BPE with byte
+  fallback (Gemma's and Llama-2's SentencePiece vocabulary) as its "llama" with the scores that order its merges;
+  special tokens are control tokens, so text never turns into one; the end-of-turn token is the end-of-generation
+  token, and the chat template travels in the file.
 
-Llama, Gemma-2, Gemma-3 (the architectures `pretrain` builds and the Gemma bases) and Phi-3 are written; anything else
-gets a clear error naming llama.cpp's converter, which handles the rest from the merged folder `pipeline export` writes.
+Llama, Gemma-2, Gemma-3 (the architectures `pretrain` builds and the Gemma bases), Phi-3, Qwen2 and Qwen3 are written;
+anything else gets a clear error naming llama.cpp's converter, which handles the rest from the merged folder
+`pipeline export` writes.
 tests/test_export.py reads files back with transformers' GGUF loader and, where llama-cpp-python is installed, runs
 them in llama.cpp (ids, logits, a chat reply through the file's template).
 """
@@ -40,7 +42,9 @@ from pipeline.errors import PipelineError
 from pipeline.gguf_hparams import GEMMA, llama3_rope_factors, llama_score_dim, sliding_pattern
 
 # transformers model_type -> gguf.MODEL_ARCH member
-ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3"}
+ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3", "qwen2": "QWEN2",
+                 "qwen3": "QWEN3"}
+NEOX = ("phi3", "qwen2", "qwen3")  # rotary in transformers' own rotate-half order in llama.cpp: no permutation
 # the dtype asked for -> what the 2-D weights are written as (vectors, such as norms, stay float32 as llama.cpp
 # keeps them)
 TENSOR_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -55,6 +59,8 @@ QUANTIZATIONS = {"q8_0": "Q8_0"}
 SPLIT_PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "qwen2",
 }
 
 
@@ -62,7 +68,7 @@ def require_writable(model_type: str) -> None:
     """One clear line for an architecture this module does not write."""
     if model_type not in ARCHITECTURES:
         raise PipelineError(f"GGUF export writes {', '.join(ARCHITECTURES)} models (what pretrain builds, the "
-                            f"Gemma bases and Phi-3); this model is {model_type}. Export it without --gguf and "
+                            f"Gemma bases, Phi-3 and Qwen); this model is {model_type}. Export it without --gguf and "
                             "convert that folder with llama.cpp's convert_hf_to_gguf.py")
 
 
@@ -141,7 +147,7 @@ def _rope(config) -> tuple[float, float | None, float | None]:
         kind = params.get("rope_type", "default")
         # written as tensors by write_gguf: Llama 3.1's rope_freqs, Phi-3's long and short factors
         as_tensors = (kind, config.model_type) in (("llama3", "llama"), ("longrope", "phi3"))
-        if kind == "yarn" and config.model_type == "llama":
+        if kind == "yarn" and config.model_type in ("llama", "qwen2", "qwen3"):
             _require_llama_cpps_yarn(params)
             continue
         if kind != "default" and not (kind == "linear" and params is scaled) and not as_tensors:
@@ -182,6 +188,9 @@ def _hyperparameters(writer, config, file_type) -> None:
     writer.add_file_type(file_type)
     if config.model_type == "phi3":
         _phi3_hyperparameters(writer, config)
+    elif config.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise PipelineError(f"GGUF export: this {config.model_type} model slides its attention window, which "
+                            "llama.cpp's does not; it would compute other logits there")
     elif config.model_type == "gemma2":  # what llama.cpp's Gemma2Model writes besides
         unset = [key for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
                  if not getattr(config, key, None)]
@@ -203,7 +212,7 @@ def _hyperparameters(writer, config, file_type) -> None:
             writer.add_sliding_window(config.sliding_window)
             writer.add_sliding_window_pattern(sliding_pattern(config.layer_types))
             writer.add_rope_freq_base_swa(sliding_rope_base or rope_base)
-    if config.model_type in GEMMA:
+    if config.model_type in (*GEMMA, "qwen3"):  # a head_dim of its own (Qwen3: 128 whatever hidden / heads)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
 
@@ -269,7 +278,7 @@ def _tensors(model):
                 tensor = tensor * query_scale
             yield name, tensor  # rotary in llama.cpp's NEOX order, which is transformers' own: no permutation
             continue
-        if config.model_type == "phi3":  # NEOX order too; qkv_proj and gate_up_proj stay fused as llama.cpp reads them
+        if config.model_type in NEOX:  # Phi-3's qkv_proj and gate_up_proj stay fused as llama.cpp reads them
             yield name, tensor
             continue
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
@@ -297,7 +306,9 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
                             "trains) or Llama 3 do, or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer "
                             f"is a {model.get('type')} that splits text otherwise (pre-tokenizer {pre.get('type')}), "
                             "which llama.cpp is not known here to reproduce; export without --gguf")
-    if byte_level and backend.get("normalizer"):
+    # NFC (Qwen's): llama.cpp does not apply it, as in the files its converter writes; text already in NFC, as
+    # typed text almost always is, splits the same, a decomposed accent does not
+    if byte_level and backend.get("normalizer") and backend["normalizer"] != {"type": "NFC"}:
         raise PipelineError(f"GGUF export: this tokenizer's normalizer {json.dumps(backend['normalizer'])[:80]}, "
                             "which llama.cpp's byte-level BPE does not apply (it would split text into other ids); "
                             "export without --gguf")

@@ -231,6 +231,9 @@ def complete_config(config, fields: dict, tensor_names: set[str], rope_factors: 
     require_readable_rope(arch, fields, tensor_names, rope_factors=rope_factors)
     if arch in ROPE_READ_BY_TRANSFORMERS:
         return config
+    key_length = field("attention.key_length")
+    if key_length and getattr(config, "head_dim", None) not in (None, key_length):
+        config.head_dim = int(key_length)  # Qwen3's loader mapping leaves its class default, 128
     llama3 = file_llama3_rope(arch, fields, rope_factors)
     if llama3:  # Llama 3.1+: transformers' loader drops the rope_freqs tensor and would run an unscaled rope
         if linear_rope_factor(arch, fields) or file_yarn_rope(arch, fields):

@@ -351,9 +351,9 @@ def test_gguf_export_refuses_what_it_cannot_write_in_one_line(dpo_run, tmp_path,
     other = tmp_path / "run" / "pretrain"
     other.mkdir(parents=True)
     (other / "stage.json").write_text(json.dumps({"stage": "pretrain", "status": "done"}))
-    (other / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     err = one_line_error(capsys, other, tmp_path / "b", "--gguf")
-    assert "this model is qwen2" in err and "convert_hf_to_gguf.py" in err
+    assert "this model is falcon" in err and "convert_hf_to_gguf.py" in err
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob("b.tmp-*"))
 
 
@@ -428,26 +428,30 @@ SPLIT_TEXTS = ("I'LL say it's 1234567 DON'T", "naïve café 😀  two  spaces\na
                "    indented   code\n\n\n\tx = 1  # tab", "ünïcödé ∑ 日本語 テスト 2024-12-02", "a" + " " * 17 + "b\r\n")
 
 
-def split_like(tokenizer, folder: Path, regex: str, normalizer: dict | None = None):
-    """`tokenizer` with another splitting (`regex` in a Split before a ByteLevel that does not split, as Llama 3's
-    and Qwen2's tokenizer.json have it), saved to and loaded from `folder`."""
+def split_like(tokenizer, folder: Path, name: str, normalizer: dict | None = None, ignore_merges: bool | None = None):
+    """`tokenizer` with the splitting llama.cpp calls `name` ("llama-bpe": Llama 3's, "qwen2": Qwen's, or a regex):
+    the regex in a Split before a ByteLevel that does not split, and the merging, as their tokenizer.json have it
+    (Llama 3 takes a word the vocabulary holds whole, ignore_merges), saved to and loaded from `folder`."""
     from transformers import AutoTokenizer
 
+    from pipeline.gguf_export import SPLIT_PRE_TOKENIZERS
+
+    regex = next((regex for regex, known in SPLIT_PRE_TOKENIZERS.items() if known == name), name)
     tokenizer.save_pretrained(folder)
     backend = json.loads((folder / "tokenizer.json").read_text())
     backend["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     backend["normalizer"] = normalizer
-    backend["model"]["ignore_merges"] = True  # as Llama 3's has it: a word the vocabulary holds is one token
+    backend["model"]["ignore_merges"] = name == "llama-bpe" if ignore_merges is None else ignore_merges
     (folder / "tokenizer.json").write_text(json.dumps(backend))
     return AutoTokenizer.from_pretrained(folder)
 
 
-def test_gguf_export_names_llama_3s_splitting_and_refuses_splittings_it_does_not_know(dpo_run, tmp_path):
-    """A byte-level BPE that splits with Llama 3's regex goes in as llama.cpp's "llama-bpe" pre-tokenizer (the
-    tokenizer stage's own, GPT-2's, as "gpt-2"); another regex (Qwen2's, one digit at a time) or a normalizer is
-    refused in one line rather than written as a splitting llama.cpp would not reproduce."""
+def test_gguf_export_names_the_splitting_and_refuses_splittings_it_does_not_know(dpo_run, tmp_path):
+    """A byte-level BPE that splits with Llama 3's or Qwen's regex goes in as llama.cpp's "llama-bpe" or "qwen2"
+    pre-tokenizer (the tokenizer stage's own, GPT-2's, as "gpt-2"); another regex, another merging or a normalizer
+    other than Qwen's NFC is refused in one line rather than written as a splitting llama.cpp would not reproduce."""
     from transformers import AutoTokenizer
 
     from pipeline.errors import PipelineError
@@ -455,42 +459,90 @@ def test_gguf_export_names_llama_3s_splitting_and_refuses_splittings_it_does_not
 
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
     model = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})
-    (llama3_regex,) = [regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == "llama-bpe"]
-    llama3 = split_like(tokenizer, tmp_path / "llama3-tok", llama3_regex)
-    assert any(llama3(text)["input_ids"] != tokenizer(text)["input_ids"] for text in SPLIT_TEXTS)  # another splitting
-    write_gguf(model, llama3, tmp_path / "llama3.gguf", llama3.eos_token_id, "tiny")
-    assert gguf_fields(tmp_path / "llama3.gguf")["tokenizer.ggml.pre"] == "llama-bpe"
+    for name, normalizer in (("llama-bpe", None), ("qwen2", {"type": "NFC"})):
+        split = split_like(tokenizer, tmp_path / f"{name}-tok", name, normalizer)
+        assert any(split(text)["input_ids"] != tokenizer(text)["input_ids"] for text in SPLIT_TEXTS)  # another one
+        write_gguf(model, split, tmp_path / f"{name}.gguf", split.eos_token_id, "tiny")
+        assert gguf_fields(tmp_path / f"{name}.gguf")["tokenizer.ggml.pre"] == name
     write_gguf(model, tokenizer, tmp_path / "ours.gguf", tokenizer.eos_token_id, "tiny")
     assert gguf_fields(tmp_path / "ours.gguf")["tokenizer.ggml.pre"] == "gpt-2"
-    qwen2_regex = llama3_regex.replace("\\p{N}{1,3}", "\\p{N}")
-    merging = split_like(tokenizer, tmp_path / "merging-tok", llama3_regex)  # Llama 3's regex, GPT-2's merging
-    backend = json.loads(merging.backend_tokenizer.to_str())
-    backend["model"]["ignore_merges"] = False
-    (tmp_path / "merging-tok" / "tokenizer.json").write_text(json.dumps(backend))
-    merging = AutoTokenizer.from_pretrained(tmp_path / "merging-tok")
-    for other, named in [(split_like(tokenizer, tmp_path / "qwen2-tok", qwen2_regex), "splits text otherwise"),
-                         (merging, "splits text otherwise"),
-                         (split_like(tokenizer, tmp_path / "nfc-tok", llama3_regex, {"type": "NFC"}), "normalizer")]:
+    (llama3_regex,) = [regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == "llama-bpe"]
+    pairs = llama3_regex.replace("\\p{N}{1,3}", "\\p{N}{1,2}")  # digits in pairs: no llama.cpp splitting
+    for other, named in [(split_like(tokenizer, tmp_path / "pairs-tok", pairs), "splits text otherwise"),
+                         (split_like(tokenizer, tmp_path / "merging-tok", "llama-bpe", ignore_merges=False),
+                          "splits text otherwise"),
+                         (split_like(tokenizer, tmp_path / "nfkc-tok", "llama-bpe", {"type": "NFKC"}), "normalizer")]:
         with pytest.raises(PipelineError, match=named) as refused:
             write_gguf(model, other, tmp_path / "refused.gguf", other.eos_token_id, "tiny")
         assert len(str(refused.value).splitlines()) == 1
 
 
-def test_llama_cpp_splits_text_with_llama_3s_regex_like_transformers(dpo_run, tmp_path):
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
+def test_llama_cpp_splits_text_like_transformers(name, dpo_run, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: pip install llama-cpp-python")
     from transformers import AutoTokenizer
 
-    from pipeline.gguf_export import SPLIT_PRE_TOKENIZERS, write_gguf
+    from pipeline.gguf_export import write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer")
-    (llama3_regex,) = [regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == "llama-bpe"]
-    llama3 = split_like(tokenizer, tmp_path / "llama3-tok", llama3_regex)
+    split = split_like(tokenizer, tmp_path / "tok", name, {"type": "NFC"} if name == "qwen2" else None)
     model = sharp_llama(len(tokenizer), {"rope_type": "default", "rope_theta": 10000.0})
-    write_gguf(model, llama3, tmp_path / "model.gguf", llama3.eos_token_id, "tiny")
+    write_gguf(model, split, tmp_path / "model.gguf", split.eos_token_id, "tiny")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False)
-    for text in SPLIT_TEXTS:
+    for text in SPLIT_TEXTS:  # all in NFC, which llama.cpp does not apply itself
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
-            llama3(text, add_special_tokens=False)["input_ids"], text
+            split(text, add_special_tokens=False)["input_ids"], text
+
+
+def tiny_qwen(kind: str, vocab_size: int):
+    """A 2-layer Qwen2 (attention biases, tied embeddings, as Qwen2.5-0.5B) or Qwen3 (q/k norms, a head_dim of 32
+    that is not hidden / heads) with weights large enough for logits of tens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **sizes)) if kind == "qwen2" \
+        else Qwen3ForCausalLM(Qwen3Config(head_dim=32, tie_word_embeddings=False, **sizes))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.mul_(next((v for key, v in {"q_proj": 8, "k_proj": 8, "lm_head": 20, "embed": 20,
+                                                  "norm": 1}.items() if key in name), 2))
+            if name.endswith("bias"):
+                parameter.add_(torch.randn_like(parameter))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_a_qwen_gguf_export_imports_back_and_runs_in_llama_cpp_like_transformers(kind, dpo_run, tmp_path):
+    """Qwen2 and Qwen3 models export with their biases, q/k norms and own head size (which transformers' Qwen3 GGUF
+    mapping leaves at 128: the import reads key_length), their tokenizer's splitting as llama.cpp's "qwen2"; the
+    import gives the model's logits exactly, llama.cpp to float rounding (float32 cache), where it is installed."""
+    from transformers import AutoTokenizer
+
+    from pipeline.gguf_export import write_gguf
+    from pipeline.models import load_base_model
+    from pipeline.recipe import BaseModelConfig
+
+    tokenizer = split_like(AutoTokenizer.from_pretrained(dpo_run[0] / "tokenizer"), tmp_path / "tok", "qwen2",
+                           {"type": "NFC"})
+    model = tiny_qwen(kind, len(tokenizer))
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", tokenizer.eos_token_id, "tiny")
+    ids = tokenizer("Where does Nozan live? Nozan lives in Varn. " * 4)["input_ids"]
+    imported = load_base_model(BaseModelConfig(path=str(tmp_path / "model.gguf")), torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(imported(input_ids=torch.tensor([ids])).logits[0].numpy() - expected).max() \
+            < 1e-4 * np.abs(expected).max()
+    try:
+        import llama_cpp
+    except ImportError:
+        return  # the llama.cpp half needs llama-cpp-python
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), logits_all=True, n_ctx=256, verbose=False,
+                          type_k=f32, type_v=f32)
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[: len(ids)]) - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 def test_llama_cpp_renders_a_reply_passed_back_as_it_returned_it_like_training(dpo_run, tmp_path):
