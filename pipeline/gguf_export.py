@@ -31,7 +31,6 @@ them in llama.cpp (ids, logits, a chat reply through the file's template).
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -39,7 +38,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.gguf_hparams import GEMMA, llama3_rope_factors, llama_score_dim, sliding_pattern
+from pipeline.gguf_hparams import (
+    GEMMA,
+    llama3_rope_factors,
+    llama_score_dim,
+    longrope_attention_factor,
+    sliding_pattern,
+)
 
 # transformers model_type -> gguf.MODEL_ARCH member
 ARCHITECTURES = {"llama": "LLAMA", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3", "phi3": "PHI3", "qwen2": "QWEN2",
@@ -53,7 +58,7 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
 # --outtype); the k-quants (Q4_K_M, ...) are llama.cpp's llama-quantize tool's job, run on the file this writes
 QUANTIZATIONS = {"q8_0": "Q8_0"}
 # the split regex of a byte-level BPE whose tokenizer.json splits with a Split before a ByteLevel that does not
-# (Llama 3's) -> llama.cpp's pre-tokenizer with that regex (src/llama-vocab.cpp). llama.cpp's converter recognises a
+# (Llama 3's, Qwen's) -> llama.cpp's pre-tokenizer with that regex (src/llama-vocab.cpp). llama.cpp's converter recognises a
 # tokenizer by hashing its output on a test text; the regex itself is matched here, so another one is refused, not
 # split otherwise
 SPLIT_PRE_TOKENIZERS = {
@@ -251,8 +256,7 @@ def _phi3_hyperparameters(writer, config) -> None:
     writer.add_rope_scaling_orig_ctx_len(original)
     writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     if rope.get("rope_type") == "longrope":
-        scale = rope.get("factor") or config.max_position_embeddings / original
-        default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        default = longrope_attention_factor(rope.get("factor") or config.max_position_embeddings / original, original)
         writer.add_rope_scaling_attn_factors(float(rope.get("attention_factor") or default))
 
 
@@ -303,7 +307,7 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
     byte_level = _byte_level(backend)
     if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
         raise PipelineError("GGUF export writes a byte-level BPE that splits text as GPT-2 (what the tokenizer stage "
-                            "trains) or Llama 3 do, or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer "
+                            "trains), Llama 3 or Qwen do, or a BPE with byte fallback (Gemma's, Llama-2's); this tokenizer "
                             f"is a {model.get('type')} that splits text otherwise (pre-tokenizer {pre.get('type')}), "
                             "which llama.cpp is not known here to reproduce; export without --gguf")
     # NFC (Qwen's): llama.cpp does not apply it, as in the files its converter writes; text already in NFC, as
@@ -357,7 +361,7 @@ def _vocabulary(writer, tokenizer, vocab_size: int, end_of_turn_id: int | None) 
 def _byte_level(backend: dict) -> str | None:
     """llama.cpp's pre-tokenizer for a byte-level BPE's splitting: "gpt-2" for a ByteLevel pre-tokenizer that
     splits with GPT-2's regex (what the tokenizer stage trains), a SPLIT_PRE_TOKENIZERS name for a known Split regex
-    before a ByteLevel that does not split (Llama 3's); None for anything else."""
+    before a ByteLevel that does not split (Llama 3's, Qwen's); None for anything else."""
     pre = backend.get("pre_tokenizer") or {}
     # llama.cpp's llama-bpe takes a word the vocabulary holds whole (ignore_merges), its gpt-2 merges it
     ignores_merges = bool((backend.get("model") or {}).get("ignore_merges"))

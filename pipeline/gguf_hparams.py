@@ -144,16 +144,26 @@ def llama3_rope_from_factors(factors: list[float], base: float, dim: int) -> dic
     return rope if all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(rebuilt, factors)) else None
 
 
+def _rotary_dims(architecture: str, fields: dict) -> int | None:
+    """How many of a head's dimensions a file's rope turns: `rope.dimension_count`, else the whole head."""
+    hidden, heads = fields.get(f"{architecture}.embedding_length"), fields.get(f"{architecture}.attention.head_count")
+    dims = fields.get(f"{architecture}.rope.dimension_count") or (hidden // heads if hidden and heads else None)
+    return int(dims) if dims else None
+
+
+def longrope_attention_factor(scale: float, original: int) -> float:
+    """The attention factor longrope scales the rope's output by where a config names none: what transformers
+    computes and llama.cpp's converter writes, sqrt(1 + ln(scale) / ln(original context))."""
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+
+
 def file_llama3_rope(architecture: str, fields: dict, rope_factors: dict | None) -> dict | None:
     """A Llama file's llama3 rope (llama3_rope_from_factors of its rope_freqs), or None."""
     factors = (rope_factors or {}).get("rope_freqs.weight")
-    if architecture != "llama" or factors is None:
+    dim = _rotary_dims(architecture, fields)
+    if architecture != "llama" or factors is None or not dim:
         return None
-    hidden, heads = fields.get("llama.embedding_length"), fields.get("llama.attention.head_count")
-    dim = fields.get("llama.rope.dimension_count") or (hidden // heads if hidden and heads else None)
-    if not dim:
-        return None
-    return llama3_rope_from_factors(factors, float(fields.get("llama.rope.freq_base", 10000.0)), int(dim))
+    return llama3_rope_from_factors(factors, float(fields.get("llama.rope.freq_base", 10000.0)), dim)
 
 
 def file_longrope(architecture: str, fields: dict, rope_factors: dict | None) -> dict | None:
@@ -162,16 +172,14 @@ def file_longrope(architecture: str, fields: dict, rope_factors: dict | None) ->
     computes itself; None where the file has no such rope."""
     factors = rope_factors or {}
     long, short = factors.get("rope_factors_long.weight"), factors.get("rope_factors_short.weight")
-    original = fields.get(f"{architecture}.rope.scaling.original_context_length")
-    hidden, heads = fields.get("phi3.embedding_length"), fields.get("phi3.attention.head_count")
-    rotary = fields.get("phi3.rope.dimension_count") or (hidden // heads if hidden and heads else None)
+    original = fields.get("phi3.rope.scaling.original_context_length")
+    rotary = _rotary_dims(architecture, fields)
     if architecture != "phi3" or long is None or short is None or not original or not rotary \
             or not len(long) == len(short) == rotary // 2:
         return None
     rope = {"rope_type": "longrope", "rope_theta": float(fields.get("phi3.rope.freq_base", 10000.0)),
             "long_factor": long, "short_factor": short, "original_max_position_embeddings": int(original)}
-    scale = fields.get("phi3.context_length", original) / original
-    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    default = longrope_attention_factor(fields.get("phi3.context_length", original) / original, int(original))
     stored = fields.get("phi3.rope.scaling.attn_factor", 1.0)  # llama.cpp's where the file names none
     if not math.isclose(stored, default, rel_tol=1e-6):  # the file's float32 rounding off
         rope["attention_factor"] = float(stored)
