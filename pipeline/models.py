@@ -231,6 +231,19 @@ def load_base_tokenizer(cfg: BaseModelConfig):
     return tokenizer
 
 
+def base_embedding_rows(cfg: BaseModelConfig) -> int:
+    """How many token ids a hub or folder base's embedding has rows for, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    kind, location = cfg.source()
+    source, kwargs = _loading(cfg, kind, location)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"base.path: cannot load the config of {cfg.path}: {_first_line(exc)}") from None
+    return config.get_text_config().vocab_size
+
+
 def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None):
     """The pretrained model a recipe names: hub id, local folder, or GGUF file (dequantized).
 

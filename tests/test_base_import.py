@@ -208,6 +208,35 @@ def test_a_base_without_a_chat_template_needs_one_named(tmp_path, capsys, gemma_
     assert code == 2 and "the base tokenizer (the model folder) has no chat template" in out, out
 
 
+def test_a_tokenizer_past_the_embedding_is_one_line_before_training(tmp_path, capsys, gemma_folder):
+    """A pad token the weights have no row for stops the base stage in one line naming it, before sft's first batch
+    would fail inside torch; the folder as it is passes."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "longer_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((gemma_folder / name).read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(gemma_folder)
+    rows = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<new_pad>"})
+    tokenizer.save_pretrained(folder)
+
+    def run_base(path: Path) -> tuple[int, str]:
+        recipe = tmp_path / f"{path.name}.yaml"
+        recipe.write_text(json.dumps({"name": path.name, "output_dir": str(tmp_path / "runs"),
+                                      "base": {"path": str(path), "dtype": "float32"}}))
+        code = main(["run", str(recipe)])
+        captured = capsys.readouterr()
+        return code, captured.err + captured.out
+
+    code, out = run_base(folder)
+    assert code != 0 and "Traceback" not in out, out
+    assert (f"base: the tokenizer gives '<new_pad>' (id {rows}) past the model's {rows} embedding rows: the tokenizer "
+            f"does not fit these weights (its length {rows + 1})") in out, out
+    assert run_base(gemma_folder)[0] == 0
+
+
 # ---------------------------------------------------------------- the real model
 
 

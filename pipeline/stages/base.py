@@ -18,7 +18,7 @@ from pipeline.chat_template import ChatRenderer, load_chat_template
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
-from pipeline.models import count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
+from pipeline.models import base_embedding_rows, count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
 from pipeline.recipe import BaseModelConfig
 
 PROBE = "The capital of France is Paris. The capital of Italy is"
@@ -44,6 +44,22 @@ def mark_control_tokens(tokenizer, template: str) -> list[str]:
     if markup:
         tokenizer.add_special_tokens({"additional_special_tokens": markup}, replace_extra_special_tokens=False)
     return markup
+
+
+def require_rows_for_fed_tokens(tokenizer, renderer: ChatRenderer, rows: int) -> None:
+    """Every token the stages feed the model (the chat template's markup, bos, eos, padding) has an embedding row.
+
+    A tokenizer can be longer than the weights' embedding: transformers' GGUF tokenizer for some architectures adds
+    its class default (e.g. a '<|endoftext|>' pad) when the file's vocabulary lacks it. Such an id would stop sft at
+    its first batch with an index error inside torch; here it is one line naming the tokens."""
+    chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    fed = set(renderer.render(chat).input_ids) | set(renderer.render(chat[:1], add_generation_prompt=True).input_ids)
+    fed |= {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, renderer.end_of_turn}
+    missing = sorted(i for i in fed if i is not None and i >= rows)
+    if missing:
+        named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in missing)
+        raise PipelineError(f"base: the tokenizer gives {named} past the model's {rows} embedding rows: the tokenizer "
+                            f"does not fit these weights (its length {len(tokenizer)})")
 
 
 @torch.no_grad()
@@ -75,6 +91,7 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
         # float32: the dequantized values exactly; later stages cast to `dtype` when they load
         model = load_base_model(cfg, torch.float32) if ctx.is_main else None
         if ctx.is_main:
+            require_rows_for_fed_tokens(tokenizer, renderer, model.get_input_embeddings().num_embeddings)
             model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.save_pretrained(ctx.out_dir, safe_serialization=True)
@@ -96,6 +113,7 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
             del model, reloaded
         source = ctx.out_dir
     else:
+        require_rows_for_fed_tokens(tokenizer, renderer, base_embedding_rows(cfg))
         source = location  # not copied: the lineage names it
     if ctx.is_main:
         tokenizer.save_pretrained(ctx.out_dir)
