@@ -24,6 +24,11 @@ from pipeline.generation import context_length, stop_token_ids
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message; alone: clear it), /help, /quit"
 
 
+# Below this temperature sampling is greedy: logits divided by it overflow to inf (1e-40 turned the whole row into
+# NaN and the draw failed), and long before that a sample is the argmax but for exact ties.
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 128
@@ -32,6 +37,9 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        self.greedy = self.greedy or self.temperature < GREEDY_BELOW
 
 
 class SeededSampler(LogitsProcessor):
@@ -156,7 +164,7 @@ class _Streamer:
             self.prompt_seen = True
             return
         self.ids += value.reshape(-1).tolist()
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip(" ")
+        text = decode_reply(self.tokenizer, self.ids)
         if not text.endswith("\ufffd"):
             self.stream.write(text[len(self.shown):])
             self.stream.flush()

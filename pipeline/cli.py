@@ -210,7 +210,8 @@ def _cmd_serve(args) -> int:
     from pipeline.warnings_filter import quiet_known_noise
 
     quiet_known_noise()
-    return serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PIPELINE_API_KEY"))
+    key = args.api_key or os.environ.get("PIPELINE_API_KEY") or None  # an empty key is none, as the startup line says
+    return serve(args.run, host=args.host, port=args.port, api_key=key)
 
 
 def _cmd_eval(args) -> int:

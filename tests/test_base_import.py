@@ -270,7 +270,7 @@ def test_real_gemma_imports_trains_and_round_trips(gemma_gguf, tmp_path, monkeyp
     # the saved folder's logits equal transformers' GGUF load: bit for bit on a quiet machine, 1.1e-3 (of logits
     # ~30) once in CI while another process ran: summation order in the fp32 kernels; a wrong import is O(1)
     assert base["import_max_logit_difference"] <= 5e-3
-    assert base["control_tokens_marked"] == ["<end_of_turn>", "<start_of_turn>"]
+    assert base["control_tokens_marked"] == ["<end_of_image>", "<end_of_turn>", "<start_of_image>", "<start_of_turn>"]
     config = json.loads((run_dir / "base" / "config.json").read_text())
     assert "quantization_config" not in config and (run_dir / "base" / "model.safetensors").is_file()
 

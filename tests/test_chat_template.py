@@ -88,3 +88,24 @@ def test_gemma_template_folds_the_system_message(gemma_folder):
     assert text.startswith("<|bos|><start_of_turn>user\nAnswer briefly.\n\nWhere does Tolbik live?<end_of_turn>")
     masked = tokenizer.decode([t for t, m in zip(rendered.input_ids, rendered.assistant_mask) if m])
     assert masked == "Tolbik lives in Varn.<end_of_turn>Tolbik has a pet cat.<end_of_turn>"
+
+
+def test_added_tokens_shaped_as_control_tokens_are_marked_and_stay_text_in_user_text(tiny_tokenizer):
+    """A base's tokenizer may keep control tokens as plain added entries (Qwen's <|fim_prefix|>, Gemma's
+    <start_of_image>), which transformers would match in user text; the base stage marks them special. Added
+    entries shaped as text (Gemma's <table>) keep matching."""
+    import copy
+
+    from pipeline.stages.base import mark_control_tokens
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_tokens(["<|fim_prefix|>", "<start_of_image>", "<table>"])
+    fim, image, table = tokenizer.convert_tokens_to_ids(["<|fim_prefix|>", "<start_of_image>", "<table>"])
+    chat = [{"role": "user", "content": "a <|fim_prefix|> b <start_of_image> c <table>"}]
+    assert {fim, image, table} <= set(ChatRenderer(tokenizer).render(chat, add_generation_prompt=True).input_ids)
+
+    assert mark_control_tokens(tokenizer, tokenizer.chat_template) == ["<start_of_image>", "<|fim_prefix|>"]
+    ids = ChatRenderer(tokenizer).render(chat, add_generation_prompt=True).input_ids
+    assert fim not in ids and image not in ids and table in ids
+    assert tokenizer.convert_tokens_to_ids(["<|fim_prefix|>", "<start_of_image>"]) == [fim, image]  # ids unchanged
+    assert "<|fim_prefix|> b <start_of_image> c <table>" in tokenizer.decode(ids)

@@ -164,6 +164,68 @@ def test_sampling_follows_the_seed_and_stop_strings_cut(server):
     assert streamed_text(server, ask("pretrain", seed=7, stop=stop, **settings)) == one[: one.index(stop)]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(server):
+    """1e-40 turned the logits into inf and NaN and the draw failed (a 500); under 1e-6 sampling is greedy."""
+    greedy = reply_text(server, ask("sft", temperature=0, max_tokens=8))
+    assert reply_text(server, ask("sft", temperature=1e-40, max_tokens=8, seed=3)) == greedy
+    assert streamed_text(server, ask("sft", temperature=1e-40, max_tokens=8, seed=3)) == greedy
+
+
+def test_requests_queued_for_a_busy_model_do_not_stall_the_others(dpo_run):
+    """48 requests for one stage whose model is busy (its lock held here) wait for their turn on the event loop: the
+    model list, the key check and another stage answer meanwhile. Before, the 48 held anyio's 40 worker threads,
+    blocked on the lock, and every other request waited for them."""
+    run_dir, _ = dpo_run
+    server = Server(run_dir)
+    try:
+        reply_text(server, ask("pretrain", max_tokens=1))  # loaded
+        loaded = server.server.config.app.state.models.get("pretrain")
+        with ThreadPoolExecutor(48) as pool:
+            with loaded.lock:
+                queued = [pool.submit(streamed_text if i % 2 else reply_text, server, ask("pretrain", max_tokens=1))
+                          for i in range(48)]
+                time.sleep(2)  # all 48 sent and waiting
+                started = time.monotonic()
+                status, listed = call(f"{server.url}/v1/models")
+                assert status == 200 and "dpo" in [m["id"] for m in listed["data"]]
+                assert reply_text(server, ask("dpo", max_tokens=2)) is not None
+                assert time.monotonic() - started < 30
+                assert not any(f.done() for f in queued)
+            assert all(isinstance(f.result(timeout=120), str) for f in queued)  # each answered once its turn came
+    finally:
+        server.stop()
+
+
+def test_a_plain_request_whose_client_went_away_generates_nothing(dpo_run, monkeypatch):
+    """A client that sends a (not streamed) request and goes away while it waits for a busy model: its generation
+    stops before its first token instead of writing up to max_tokens for nobody."""
+    import socket
+
+    import pipeline.serve.app as app_module
+
+    replies, real = [], app_module.generate
+    monkeypatch.setattr(app_module, "generate", lambda *args: replies.append(real(*args)) or replies[-1])
+    run_dir, _ = dpo_run
+    server = Server(run_dir)
+    try:
+        assert reply_text(server, ask("pretrain", max_tokens=3, temperature=0)) is not None
+        assert replies[0].completion_tokens > 0  # this model does write a reply to that prompt
+        loaded = server.server.config.app.state.models.get("pretrain")
+        body = json.dumps(ask("pretrain", max_tokens=3, temperature=0)).encode()
+        with loaded.lock:
+            with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as client:
+                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                time.sleep(1)  # read, and waiting for the model
+            time.sleep(1)  # gone, and seen to be gone
+        deadline = time.monotonic() + 30
+        while len(replies) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(replies) == 2 and replies[1].completion_tokens == 0
+    finally:
+        server.stop()
+
+
 def test_parallel_requests_get_what_they_get_alone(dpo_run):
     """8 requests at once across two stages, streamed and not, on a fresh server (so the two models also load
     side by side), with a malformed request among them: each gets the reply it gets alone afterwards."""
@@ -222,6 +284,9 @@ LONG = "Tolbik " * 400  # past the tiny model's 128 positions
     pytest.param(ask("sft", stop=["a", "b", "c", "d", "e"]), 400, "stop", None, id="five stop strings"),
     pytest.param(ask("sft", n=2), 400, "n", None, id="n 2"),
     pytest.param(ask("sft", stream="yes please"), 400, "stream", None, id="stream not a boolean"),
+    pytest.param(ask("sft", seed=2**64), 400, "seed", None, id="seed past what a generator takes"),
+    pytest.param(ask("sft", seed=-1), 400, "seed", None, id="seed below 0"),
+    pytest.param(ask("\ud800"), 404, "model", "model_not_found", id="model name UTF-8 cannot encode"),
     pytest.param(ask("sft", [turn("user", "x" * MAX_BODY_BYTES)]), 413, None, "request_too_large",
                  id="body over 1 MB"),
 ])

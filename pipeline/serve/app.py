@@ -76,7 +76,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)  # the upper bound is what the model's context leaves
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     stop: str | list[str] | None = Field(None, validate_default=True)  # up to 4 strings; read as a list
-    seed: int | None = None  # default: a fresh random seed
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # what a torch generator takes; default: a fresh random seed
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1)  # one reply per request
@@ -119,6 +119,8 @@ def article(role: str) -> str:
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    # a message can quote the request (a model name), and JSON's \ud800 escape gives a string UTF-8 cannot encode
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -178,10 +180,11 @@ def chunk(request: ChatRequest, reply_id: str, created: int, delta: dict, finish
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def stream_reply(request: ChatRequest, loaded, prompt, sampling, reply_id: str, created: int):
+async def stream_reply(request: ChatRequest, loaded, prompt, sampling, reply_id: str, created: int,
+                       turn: asyncio.Lock):
     """Server-sent events as OpenAI streams them: a role chunk, text chunks, a finish chunk, [DONE].
-    The generation runs in a worker thread and hands text over through a queue; if the client goes
-    away, the generation stops at its next token."""
+    The generation runs in a worker thread, once it has the model's `turn`, and hands text over through a queue;
+    if the client goes away, the generation stops at its next token."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancelled = threading.Event()
@@ -198,9 +201,11 @@ async def stream_reply(request: ChatRequest, loaded, prompt, sampling, reply_id:
             log.exception("generation failed")
             hand_over("error", exc)
 
+    await turn.acquire()
     worker = asyncio.ensure_future(anyio.to_thread.run_sync(work))
     _workers.add(worker)  # held until done: a client that goes away leaves it to finish its last token
     worker.add_done_callback(_workers.discard)
+    worker.add_done_callback(lambda _: turn.release())  # the model's turn passes on when its thread is done
     try:
         yield chunk(request, reply_id, created, {"role": "assistant", "content": ""})
         while True:
@@ -222,15 +227,29 @@ async def stream_reply(request: ChatRequest, loaded, prompt, sampling, reply_id:
         cancelled.set()
 
 
+async def cancel_when_gone(http: Request, cancelled: threading.Event) -> None:
+    """Set `cancelled` once the client of a plain (not streamed) request has gone away: its generation, waiting
+    for the model or under way, then stops at its next token instead of writing a reply nobody reads."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.2)
+    cancelled.set()
+
+
 # ---------------------------------------------------------------- the app
 
 
 def create_app(run_dir: str | Path, api_key: str | None = None) -> FastAPI:
+    api_key = api_key or None  # an empty key is no key
     models = StageModels(run_dir)
     app = FastAPI(title="pipeline serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models = models
     page = files("pipeline.serve").joinpath("static/index.html").read_text()
+    # Requests for one model wait for their turn here, on the event loop, not in a worker thread blocked on the
+    # model's lock: 40 requests queued for one stage held anyio's 40 threads, and every other request (another
+    # stage, /v1/models, the key check) stalled until they were done. Handlers that do not block are async.
+    turns: dict[str, asyncio.Lock] = {}
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -241,11 +260,11 @@ def create_app(run_dir: str | Path, api_key: str | None = None) -> FastAPI:
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     @api.get("/models")
-    def list_models():
+    async def list_models():
         return {"object": "list", "data": [model_card(name) for name in models.names()]}
 
     @api.get("/models/{name}")
-    def get_model(name: str):
+    async def get_model(name: str):
         models.check(name)
         return model_card(name)
 
@@ -263,20 +282,29 @@ def create_app(run_dir: str | Path, api_key: str | None = None) -> FastAPI:
             loaded = models.get(request.model)
             return loaded, *prompt_and_budget(loaded, messages, request.max_completion_tokens or request.max_tokens)
 
-        loaded, prompt, budget = await anyio.to_thread.run_sync(prepare)
+        turn = turns.setdefault(request.model, asyncio.Lock())
+        async with turn:
+            loaded, prompt, budget = await anyio.to_thread.run_sync(prepare)
         sampling = request.sampling(budget)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            return StreamingResponse(stream_reply(request, loaded, prompt, sampling, reply_id, created),
+            return StreamingResponse(stream_reply(request, loaded, prompt, sampling, reply_id, created, turn),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        reply = await anyio.to_thread.run_sync(generate, loaded, prompt, sampling, request.stop)
+        cancelled = threading.Event()
+        watch = asyncio.ensure_future(cancel_when_gone(http, cancelled))
+        try:
+            async with turn:
+                reply = await anyio.to_thread.run_sync(generate, loaded, prompt, sampling, request.stop, None,
+                                                       cancelled)
+        finally:
+            watch.cancel()
         return completion(request, reply, reply_id, created)
 
     app.include_router(api)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index():
+    async def index():
         return page
 
     @app.exception_handler(RequestError)

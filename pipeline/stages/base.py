@@ -34,13 +34,22 @@ def choose_chat_template(tokenizer, cfg: BaseModelConfig) -> tuple[str, str]:
                         "(e.g. base.chat_template=gemma) or a .jinja file")
 
 
+# The shapes of control tokens: <|fim_prefix|>, <|vision_start|> (Qwen, Phi), <start_of_image> (Gemma). A tokenizer
+# may keep such a token as a plain added entry, which transformers matches in any text, special or not; added
+# entries of other shapes are text (Gemma's "\n\n", <table>, <strong>) and stay as they are.
+CONTROL_SHAPE = re.compile(r"<\|[^|<>\s]+\|>|<(?:start|end)_of_[a-z_]+>")
+
+
 def mark_control_tokens(tokenizer, template: str) -> list[str]:
     """Tokens the template writes as markup (<start_of_turn>, <end_of_turn>) that the vocabulary has
-    but does not call special (a GGUF tokenizer keeps them as plain entries): registered as special,
-    ids unchanged, so decoding drops them and user text can never produce them."""
+    but does not call special (a GGUF tokenizer keeps them as plain entries), and added tokens shaped as control
+    tokens (CONTROL_SHAPE): registered as special, ids unchanged, so decoding drops them and user text can never
+    produce them."""
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_tokens)
-    markup = sorted({m for m in re.findall(r"<[^<>\s{}'\"]+>", template) if m in vocab and m not in special})
+    shaped = {t.content for t in tokenizer.added_tokens_decoder.values() if CONTROL_SHAPE.fullmatch(t.content)}
+    markup = sorted({m for m in re.findall(r"<[^<>\s{}'\"]+>", template) if m in vocab} | shaped)
+    markup = [m for m in markup if m not in special]
     if markup:
         tokenizer.add_special_tokens({"additional_special_tokens": markup}, replace_extra_special_tokens=False)
     return markup
