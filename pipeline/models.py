@@ -231,6 +231,19 @@ def load_base_tokenizer(cfg: BaseModelConfig):
     return tokenizer
 
 
+def hub_commit(cfg: BaseModelConfig) -> str:
+    """The commit of a hub base that `base.revision` (a branch, tag or commit; default main) names now, from the
+    download of its config.json (or the local cache where HF_HUB_OFFLINE=1): snapshots/<commit>/config.json."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(cfg.path, "config.json", revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"base.path: cannot load the config of {cfg.path}: {_first_line(exc)} (no network here? "
+                            "set HF_HUB_OFFLINE=1 and use a local folder)") from None
+    return Path(path).parent.name
+
+
 def base_embedding_rows(cfg: BaseModelConfig) -> int:
     """How many token ids a hub or folder base's embedding has rows for, from its config alone (no weights)."""
     from transformers import AutoConfig

@@ -350,6 +350,9 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
                    else "an earlier stage was rerun since" if previous.get("upstream_runs", upstream_runs) != upstream_runs
                    else "rerun requested")
             print(f"[{stage}] {why}: starting this stage afresh", flush=True)
+            # stage.json goes first, in one step: a removal cut short (Ctrl-C, a kill) must not leave a record
+            # that says "done" beside half the files it describes
+            (out_dir / "stage.json").unlink(missing_ok=True)
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

@@ -95,6 +95,10 @@ class ChecksumOnSave(TrainerCallback):
     """Seal each Trainer checkpoint with checksums of its files once the Trainer has written it."""
 
     def on_save(self, args, state, control, **kwargs):
+        # every process writes its own rng_state_<rank>.pth into the checkpoint and the Trainer does not wait for
+        # the others before this callback: sealing at once could leave a rank's file out or hash it half-written
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():

@@ -237,6 +237,52 @@ def test_a_tokenizer_past_the_embedding_is_one_line_before_training(tmp_path, ca
     assert run_base(gemma_folder)[0] == 0
 
 
+def test_a_hub_base_is_pinned_to_the_commit_it_was_trained_on(tmp_path, gemma_folder, tiny_world, cli_env):
+    """A hub id is loaded at the commit its branch named when the base stage ran: after `main` moves on, sft's
+    model still stands on the weights it was trained on. The hub is a local cache here (HF_HUB_OFFLINE=1), laid
+    out as huggingface_hub lays out downloads: refs/main names a snapshot folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import sft_section
+
+    repo = tmp_path / "hub" / "models--acme--tiny-gemma"
+    first, moved = "1" * 40, "2" * 40
+    shutil.copytree(gemma_folder, repo / "snapshots" / first)
+    shutil.copytree(gemma_folder, repo / "snapshots" / moved)
+    weights = load_file(repo / "snapshots" / moved / "model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, repo / "snapshots" / moved / "model.safetensors",
+              metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    env = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text(json.dumps({"name": "hub", "output_dir": str(tmp_path / "runs"),
+                                  "base": {"path": "acme/tiny-gemma", "dtype": "float32"},
+                                  "sft": sft_section(tiny_world, max_steps=1, eval_limit=0)}))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"hub base acme/tiny-gemma at commit {first}" in result.stdout
+    run_dir = tmp_path / "runs" / "hub"
+    assert json.loads((run_dir / "base" / "lineage.json").read_text())["base_options"]["revision"] == first
+
+    (repo / "refs" / "main").write_text(moved)  # the branch moves on
+    probe = ("import sys, torch; from pipeline.models import load_stage_model; from transformers import "
+             "AutoModelForCausalLM; ids = torch.tensor([[2, 5, 7, 11]]); "
+             "ours = load_stage_model(sys.argv[1])[0](input_ids=ids).logits; "
+             "print(*[(ours - AutoModelForCausalLM.from_pretrained(f)(input_ids=ids).logits).abs().max().item() "
+             "for f in sys.argv[2:]])")
+    result = subprocess.run([sys.executable, "-c", probe, str(run_dir / "base"), str(repo / "snapshots" / first),
+                             str(repo / "snapshots" / moved)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    to_first, to_moved = map(float, result.stdout.split()[-2:])
+    assert to_first == 0.0 and to_moved > 0.1, (to_first, to_moved)
+
+
 # ---------------------------------------------------------------- the real model
 
 

@@ -59,7 +59,8 @@ def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
               "pretrain.micro_batch_size": 4,
               # 4 steps of 8 stay inside the first epoch of the 38 conversations: an epoch's last, partial
               # global batch is dealt out differently to 1 and 2 processes (accelerate evens it out)
-              "sft": sft_section(tiny_world, eval_limit=4, logging_steps=1, micro_batch_size=2, max_steps=4),
+              "sft": sft_section(tiny_world, eval_limit=4, logging_steps=1, micro_batch_size=2, max_steps=4,
+                                 save_steps=2),
               "dpo": dpo_section(tiny_world, eval_limit=4, micro_batch_size=1),
               "reward": reward_section(tiny_world, eval_limit=4, max_steps=2, micro_batch_size=4),
               "rl": rl_section(tiny_world, max_steps=2)}
@@ -81,6 +82,9 @@ def test_two_cpu_processes_match_one(write_recipe, cli_env, tiny_world):
         assert record["world_size"] == 2 and record["metrics"]["ranks_in_sync"] is True, stage
     assert read_json(two_dir / "pretrain" / "stage.json")["metrics"]["gradient_accumulation"] == 1  # 2 x 4 x 1
     assert read_json(two_dir / "sft" / "stage.json")["metrics"]["gradient_accumulation"] == 2  # 2 x 2 x 2
+    # each checkpoint is sealed once both processes wrote their random state into it
+    sealed = [read_json(c / "checksums.json") for c in sorted((two_dir / "sft" / "checkpoints").glob("checkpoint-*"))]
+    assert sealed and all({"rng_state_0.pth", "rng_state_1.pth"} <= set(sums) for sums in sealed), sealed
 
     # loss curves: the same global batches, so equal up to float summation order
     one, two = _losses(one_dir), _losses(two_dir)

@@ -218,6 +218,44 @@ def test_a_forced_rerun_starts_afresh(sft_run, capsys):
     assert records["sft"]["run_id"] != first["sft"]["run_id"]
 
 
+def test_a_removal_cut_short_never_leaves_a_done_record(sft_run, monkeypatch):
+    """A stage started afresh removes its folder first; a removal cut short (Ctrl-C, a kill) left stage.json saying
+    done beside half the files it describes, and the next run skipped the stage. Now the next run reruns it."""
+    import pipeline.run as run_module
+
+    path, run_dir, first = sft_run
+    real_rmtree = run_module.shutil.rmtree
+
+    def cut_short(folder, *args, **kwargs):
+        (Path(folder) / "adapter_model.safetensors").unlink()  # the weights go first, then the interrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(path), only="sft")
+    monkeypatch.setattr(run_module.shutil, "rmtree", real_rmtree)
+    records = run_recipe(load_recipe(path))
+    assert records["sft"]["run_id"] != first["sft"]["run_id"] and records["sft"]["status"] == "done"
+    assert (run_dir / "sft" / "adapter_model.safetensors").is_file()
+
+
+def test_pipeline_eval_into_the_eval_stages_folder_drops_its_record(write_recipe, capsys):
+    """`pipeline eval RUN --limit 2` rewrites RUN/eval's report; the eval stage's record, which vouched for another
+    report, goes, so the next `pipeline run` evaluates again instead of skipping as done."""
+    from pipeline.cli import main
+
+    path = write_recipe("evaluated", {"eval": {"limit": 4}})
+    first = run_recipe(load_recipe(path))
+    run_dir = load_recipe(path).run_dir
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--limit", "2"]) == 0
+    assert "its stage.json is removed, so `pipeline run` runs the eval stage again" in capsys.readouterr().out
+    assert not (run_dir / "eval" / "stage.json").exists() and (run_dir / "eval" / "report.md").is_file()
+    again = run_recipe(load_recipe(path))
+    assert again["eval"]["run_id"] != first["eval"]["run_id"] and again["eval"]["status"] == "done"
+    assert again["pretrain"]["run_id"] == first["pretrain"]["run_id"]
+
+
 def test_a_moved_run_folder_still_loads(sft_run, tmp_path):
     import torch
 

@@ -9,6 +9,7 @@ load it (revision, remote code, attention, dtype), so sft, dpo, eval and chat lo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -18,7 +19,14 @@ from pipeline.chat_template import ChatRenderer, load_chat_template
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
 from pipeline.lineage import write_lineage
-from pipeline.models import base_embedding_rows, count_parameters, load_base_model, load_base_tokenizer, resolve_dtype
+from pipeline.models import (
+    base_embedding_rows,
+    count_parameters,
+    hub_commit,
+    load_base_model,
+    load_base_tokenizer,
+    resolve_dtype,
+)
 from pipeline.recipe import BaseModelConfig
 
 PROBE = "The capital of France is Paris. The capital of Italy is"
@@ -84,6 +92,11 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     kind, location = cfg.source()
     dtype = resolve_dtype(cfg.dtype, device_type)
+    if kind == "hub":
+        # the commit a branch or tag names now: every later stage, eval, chat and export load that one, not
+        # wherever the branch has moved since sft trained on it
+        cfg = dataclasses.replace(cfg, revision=hub_commit(cfg))
+        ctx.log(f"hub base {location} at commit {cfg.revision}")
     tokenizer = load_base_tokenizer(cfg)
     template, template_source = choose_chat_template(tokenizer, cfg)
     tokenizer.chat_template = template
@@ -93,7 +106,7 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
             f"{tokenizer.convert_ids_to_tokens(renderer.end_of_turn)}")
     options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
                "attn_implementation": cfg.attn_implementation, "dtype": str(dtype).removeprefix("torch.")}
-    metrics = {"source": kind, "location": location, "chat_template": template_source,
+    metrics = {"source": kind, "location": location, "revision": cfg.revision, "chat_template": template_source,
                "control_tokens_marked": marked, "vocab_size": len(tokenizer), "dtype": options["dtype"]}
 
     if kind == "gguf":
