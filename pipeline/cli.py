@@ -234,7 +234,8 @@ def _cmd_eval(args) -> int:
     out = Path(args.out) if args.out else run_dir / "eval"
     with run_folder_lock(run_dir):  # not while a `pipeline run` rewrites the stages it reads
         record = out / "stage.json"
-        if record.is_file():  # the eval stage's folder: its record would vouch for this command's report
+        # the eval stage's own folder: its record would vouch for this command's report
+        if out.resolve() == (run_dir / "eval").resolve() and record.is_file():
             record.unlink()
             print(f"{out} now holds this command's report, not the eval stage's: its stage.json is removed, so "
                   "`pipeline run` runs the eval stage again")

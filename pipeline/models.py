@@ -217,15 +217,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_base_tokenizer(cfg: BaseModelConfig):
-    from transformers import AutoTokenizer
-
+def _base_part(cfg: BaseModelConfig, from_pretrained, part: str):
+    """`from_pretrained` (AutoTokenizer's, AutoConfig's) of the base, or one line naming `part` when it fails."""
     kind, location = cfg.source()
     source, kwargs = _loading(cfg, kind, location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        return from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"base.path: cannot load the tokenizer of {cfg.path}: {_first_line(exc)}") from None
+        raise PipelineError(f"base.path: cannot load the {part} of {cfg.path}: {_first_line(exc)}") from None
+
+
+def load_base_tokenizer(cfg: BaseModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = _base_part(cfg, AutoTokenizer.from_pretrained, "tokenizer")
+    kind, location = cfg.source()
     if kind == "gguf":
         complete_gguf_tokenizer(tokenizer, read_gguf_header(location).fields)
     return tokenizer
@@ -241,20 +247,18 @@ def hub_commit(cfg: BaseModelConfig) -> str:
     except (OSError, ValueError) as exc:
         raise PipelineError(f"base.path: cannot load the config of {cfg.path}: {_first_line(exc)} (no network here? "
                             "set HF_HUB_OFFLINE=1 and use a local folder)") from None
+    if path is None:  # transformers answers None, not an error, for a file the repository lacks
+        raise PipelineError(f"base.path: {cfg.path} has no config.json at {cfg.revision or 'main'}: not a transformers "
+                            "model repository (a GGUF-only one? download the .gguf file and name it)")
     return Path(path).parent.name
 
 
-def base_embedding_rows(cfg: BaseModelConfig) -> int:
-    """How many token ids a hub or folder base's embedding has rows for, from its config alone (no weights)."""
+def base_embedding_rows(cfg: BaseModelConfig) -> int | None:
+    """How many token ids a hub or folder base's embedding has rows for, from its config alone (no weights); None
+    where the config names no vocab_size (remote-code configs may call it otherwise)."""
     from transformers import AutoConfig
 
-    kind, location = cfg.source()
-    source, kwargs = _loading(cfg, kind, location)
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"base.path: cannot load the config of {cfg.path}: {_first_line(exc)}") from None
-    return config.get_text_config().vocab_size
+    return getattr(_base_part(cfg, AutoConfig.from_pretrained, "config").get_text_config(), "vocab_size", None)
 
 
 def load_base_model(cfg: BaseModelConfig, dtype: torch.dtype, quantization=None):

@@ -282,6 +282,18 @@ def test_a_hub_base_is_pinned_to_the_commit_it_was_trained_on(tmp_path, gemma_fo
     to_first, to_moved = map(float, result.stdout.split()[-2:])
     assert to_first == 0.0 and to_moved > 0.1, (to_first, to_moved)
 
+    gguf_only = tmp_path / "hub" / "models--acme--only-gguf"  # a repository of GGUF files: no config.json
+    (gguf_only / "snapshots" / first).mkdir(parents=True)
+    (gguf_only / "snapshots" / first / "model.gguf").write_bytes(b"GGUF")
+    (gguf_only / "refs").mkdir()
+    (gguf_only / "refs" / "main").write_text(first)
+    recipe.write_text(json.dumps({"name": "gguf_only", "output_dir": str(tmp_path / "runs"),
+                                  "base": {"path": "acme/only-gguf"}}))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "base.path: " in result.stderr and "acme/only-gguf" in result.stderr, result.stderr[-2000:]
+
 
 # ---------------------------------------------------------------- the real model
 

@@ -216,7 +216,7 @@ def test_a_plain_request_whose_client_went_away_generates_nothing(dpo_run, monke
             with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as client:
                 client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                time.sleep(1)  # read, and waiting for the model
+                time.sleep(2)  # read, and waiting for the model (its prompt is tokenized under the lock too)
             time.sleep(1)  # gone, and seen to be gone
         deadline = time.monotonic() + 30
         while len(replies) < 2 and time.monotonic() < deadline:

@@ -228,8 +228,8 @@ async def stream_reply(request: ChatRequest, loaded, prompt, sampling, reply_id:
 
 
 async def cancel_when_gone(http: Request, cancelled: threading.Event) -> None:
-    """Set `cancelled` once the client of a plain (not streamed) request has gone away: its generation, waiting
-    for the model or under way, then stops at its next token instead of writing a reply nobody reads."""
+    """Set `cancelled` once the client of a request has gone away (checked 5 times a second): a plain request's
+    generation, waiting for the model or under way, then stops instead of writing a reply nobody reads."""
     while not await http.is_disconnected():
         await asyncio.sleep(0.2)
     cancelled.set()
@@ -283,17 +283,17 @@ def create_app(run_dir: str | Path, api_key: str | None = None) -> FastAPI:
             return loaded, *prompt_and_budget(loaded, messages, request.max_completion_tokens or request.max_tokens)
 
         turn = turns.setdefault(request.model, asyncio.Lock())
-        async with turn:
-            loaded, prompt, budget = await anyio.to_thread.run_sync(prepare)
-        sampling = request.sampling(budget)
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if request.stream:
-            return StreamingResponse(stream_reply(request, loaded, prompt, sampling, reply_id, created, turn),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        cancelled = threading.Event()
+        cancelled = threading.Event()  # the client has gone away (a stream watches for that itself once it runs)
         watch = asyncio.ensure_future(cancel_when_gone(http, cancelled))
         try:
+            async with turn:
+                loaded, prompt, budget = await anyio.to_thread.run_sync(prepare)
+            sampling = request.sampling(budget)
+            reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            if request.stream:
+                return StreamingResponse(stream_reply(request, loaded, prompt, sampling, reply_id, created, turn),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             async with turn:
                 reply = await anyio.to_thread.run_sync(generate, loaded, prompt, sampling, request.stop, None,
                                                        cancelled)

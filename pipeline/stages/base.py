@@ -63,7 +63,7 @@ def mark_control_tokens(tokenizer, template: str) -> list[str]:
     return markup
 
 
-def require_rows_for_fed_tokens(tokenizer, renderer: ChatRenderer, rows: int) -> None:
+def require_rows_for_fed_tokens(tokenizer, renderer: ChatRenderer, rows: int | None) -> None:
     """Every token the stages feed the model (the chat template's markup, bos, eos, padding) has an embedding row.
 
     A tokenizer can be longer than the weights' embedding: transformers' GGUF tokenizer for some architectures adds
@@ -72,7 +72,7 @@ def require_rows_for_fed_tokens(tokenizer, renderer: ChatRenderer, rows: int) ->
     chat = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     fed = set(renderer.render(chat).input_ids) | set(renderer.render(chat[:1], add_generation_prompt=True).input_ids)
     fed |= {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, renderer.end_of_turn}
-    missing = sorted(i for i in fed if i is not None and i >= rows)
+    missing = sorted(i for i in fed if i is not None and rows is not None and i >= rows)
     if missing:
         named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in missing)
         raise PipelineError(f"base: the tokenizer gives {named} past the model's {rows} embedding rows: the tokenizer "
