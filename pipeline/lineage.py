@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.artifacts import atomic_write_json, read_json
+from pipeline.artifacts import atomic_write_json, content_hashes, read_json
 from pipeline.errors import PipelineError
 
 
@@ -57,6 +57,45 @@ def read_lineage(stage_dir: Path) -> tuple[str, list[Path], dict]:
 
     options = lineage.get("base_options") or {}
     return resolve(lineage["base"]), [Path(resolve(a)) for a in lineage["adapters"]], options
+
+
+def folder_record(folder: str | Path) -> dict:
+    """What a local base folder holds when the base stage reads it: {"folder": its absolute path, "files": {name:
+    {"size", "mtime_ns", "sha256"}}}, kept in the lineage's base options so that every later load can tell whether
+    the folder still holds those weights (the run's fingerprint sees a change only when `pipeline run` runs)."""
+    folder = Path(folder).expanduser().resolve()
+    files = {}
+    for name, digest in content_hashes([str(folder)]).items():
+        stat = Path(name).stat()
+        files[Path(name).relative_to(folder).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                            "sha256": digest}
+    return {"folder": str(folder), "files": files}
+
+
+def folder_change(base: str, record: dict | None) -> str | None:
+    """How the local base folder `base` differs from what the base stage recorded (folder_record), or None.
+
+    A file of the recorded size and modification time is taken as unchanged (as make and rsync do); any other is
+    hashed, so a folder copied back with new times still loads. Records of other folders (an lm_head stage's full
+    model carries its SFT base's options) and runs from before the record existed are not checked."""
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not Path(base).is_dir():
+        return None
+    folder = Path(base).resolve()
+    if str(folder) != record.get("folder"):
+        return None
+    for name, recorded in sorted(record["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is gone"
+        stat = path.stat()
+        if stat.st_size == recorded.get("size") and stat.st_mtime_ns == recorded.get("mtime_ns"):
+            continue
+        if stat.st_size != recorded.get("size") or content_hashes([str(path)])[str(path)] != recorded.get("sha256"):
+            return f"{name} has other contents"
+    # a new weights or config file changes what from_pretrained loads; a new README does not
+    added = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                   and p.suffix in (".safetensors", ".json") and p.relative_to(folder).as_posix() not in record["files"])
+    return f"{added[0]} was added" if added else None
 
 
 def lineage_head(stage_dir: Path) -> str:

@@ -15,7 +15,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.gguf_header import read_gguf_header
 from pipeline.gguf_hparams import complete_config, complete_gguf_tokenizer
-from pipeline.lineage import lineage_head, read_lineage, require_current
+from pipeline.lineage import folder_change, lineage_head, read_lineage, require_current
 from pipeline.recipe import BaseModelConfig, ModelConfig
 
 # oneDNN instruction sets that have bf16 dot products (AVX512-BF16, AVX10, AMX); `ONEDNN_MAX_CPU_ISA` below these
@@ -344,6 +344,11 @@ def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, 
 
     if quantization is not None and adapters:
         raise PipelineError(f"{stage_dir}: a 4-bit base cannot take merged adapters; quantize the first adapter stage only")
+    change = folder_change(base, options.get("folder_contents"))
+    if change:
+        raise PipelineError(f"{stage_dir}: its base folder {base} changed since the base stage read it ({change}): the "
+                            "adapters were trained on other weights. Restore the folder, or retrain on it as it is "
+                            "now: pipeline run RECIPE")
     kwargs = {k: options[k] for k in ("revision", "trust_remote_code") if options.get(k) is not None}
     if Path(base).is_dir():
         kwargs.pop("revision", None)

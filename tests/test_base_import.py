@@ -295,6 +295,56 @@ def test_a_hub_base_is_pinned_to_the_commit_it_was_trained_on(tmp_path, gemma_fo
     assert "base.path: " in result.stderr and "acme/only-gguf" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_local_base_folder_changed_after_training_is_refused_at_load(tmp_path, gemma_folder, tiny_world, capsys):
+    """sft's adapter stands on the local folder's weights as the base stage read them: weights changed there later
+    make eval, chat and export refuse to load it (one line naming the file), where they would have run the adapter
+    on other weights. A file touched or copied back with its contents unchanged still loads."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.errors import PipelineError
+    from pipeline.lineage import folder_change
+    from pipeline.models import load_stage_model
+    from pipeline.recipe import load_recipe
+    from pipeline.run import run_recipe
+    from tests.conftest import sft_section
+
+    folder = tmp_path / "my_base"
+    shutil.copytree(gemma_folder, folder)
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(json.dumps({"name": "local", "output_dir": str(tmp_path / "runs"),
+                                  "base": {"path": str(folder), "dtype": "float32"},
+                                  "sft": sft_section(tiny_world, max_steps=1, eval_limit=0)}))
+    run_recipe(load_recipe(recipe))
+    sft_dir = tmp_path / "runs" / "local" / "sft"
+    record = json.loads((sft_dir / "lineage.json").read_text())["base_options"]["folder_contents"]
+    assert record["folder"] == str(folder.resolve()) and "model.safetensors" in record["files"]
+    load_stage_model(sft_dir)
+
+    os.utime(folder / "config.json", ns=(1, 1))  # new times, same contents: hashed again, and equal
+    (folder / "README.md").write_text("notes")  # not something from_pretrained reads
+    load_stage_model(sft_dir)
+    assert folder_change(str(gemma_folder), record) is None  # another folder's record (an lm_head model's) is not its
+
+    original = (folder / "model.safetensors").read_bytes()
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PipelineError, match="model.safetensors has other contents"):
+        load_stage_model(sft_dir)
+    assert main(["export", str(sft_dir), str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert f"its base folder {folder.resolve()} changed since the base stage read it" in err and "Traceback" not in err
+    assert "pipeline run RECIPE" in err and not (tmp_path / "export").exists()
+
+    (folder / "model.safetensors").write_bytes(original)  # restored (new times): loads again
+    load_stage_model(sft_dir)
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(PipelineError, match="model-00002-of-00002.safetensors was added"):
+        load_stage_model(sft_dir)
+
+
 # ---------------------------------------------------------------- the real model
 
 

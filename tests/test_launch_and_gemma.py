@@ -57,6 +57,8 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
     lineage = read_json(tmp_path / "runs" / "gemma2-2b" / "dpo" / "lineage.json")
     assert lineage["base"] == str(gemma_folder.resolve())  # outside the run folder: kept absolute
     assert lineage["adapters"] == ["../sft", "."]
+    contents = lineage["base_options"].pop("folder_contents")  # the folder as the base stage read it
+    assert contents["folder"] == str(gemma_folder.resolve()) and "model.safetensors" in contents["files"]
     assert lineage["base_options"] == {"revision": None, "trust_remote_code": False, "attn_implementation": "eager",
                                        "dtype": "float32"}
     seen = {}

@@ -18,7 +18,7 @@ import torch
 from pipeline.chat_template import ChatRenderer, load_chat_template
 from pipeline.errors import PipelineError
 from pipeline.generation import stop_token_ids
-from pipeline.lineage import write_lineage
+from pipeline.lineage import folder_record, write_lineage
 from pipeline.models import (
     base_embedding_rows,
     count_parameters,
@@ -106,6 +106,8 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
             f"{tokenizer.convert_ids_to_tokens(renderer.end_of_turn)}")
     options = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
                "attn_implementation": cfg.attn_implementation, "dtype": str(dtype).removeprefix("torch.")}
+    if kind == "folder":  # what it holds now: eval, chat and export refuse to load it if it changes later
+        options["folder_contents"] = folder_record(location)
     metrics = {"source": kind, "location": location, "revision": cfg.revision, "chat_template": template_source,
                "control_tokens_marked": marked, "vocab_size": len(tokenizer), "dtype": options["dtype"]}
 
