@@ -93,8 +93,9 @@ def folder_change(base: str, record: dict | None) -> str | None:
         if stat.st_size != recorded.get("size") or content_hashes([str(path)])[str(path)] != recorded.get("sha256"):
             return f"{name} has other contents"
     # a new weights or config file changes what from_pretrained loads; a new README does not
-    added = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
-                   and p.suffix in (".safetensors", ".json") and p.relative_to(folder).as_posix() not in record["files"])
+    added = sorted(name for name in (p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                     if p.is_file() and p.suffix in (".safetensors", ".json"))
+                   if name not in record["files"])
     return f"{added[0]} was added" if added else None
 
 
