@@ -53,6 +53,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def auto_precision(device: torch.device) -> str:
+    """What `precision: auto` (and a base's `dtype: auto`) means on this machine: "bf16", "fp16" or "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast_dtype("auto", device), "fp32")
+
+
 def build_config(cfg: ModelConfig, tokenizer):
     """A standard transformers config (LlamaConfig or Gemma2Config) for a model trained from scratch."""
     common = dict(

@@ -335,6 +335,19 @@ def read_stage_record(out_dir: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def _note_precision_change(recipe: Recipe, stage: str, before: str | None, now: str) -> None:
+    """Say so when a stage resumes on a machine where `auto` means another precision (a run folder moved from a CPU
+    with fast bf16 to one without): `auto` is in the fingerprint as written, so the checkpoints are resumed, and the
+    rest of the stage trains in the other precision."""
+    autos = [f"{stage}.precision"] if getattr(getattr(recipe, stage), "precision", None) == "auto" else []
+    if recipe.base and recipe.base.dtype == "auto" and stage not in ("base", "eval"):
+        autos.append("base.dtype")
+    if autos and before and before != now:
+        print(f"[{stage}] note: its checkpoints were written where `auto` meant {before}; on this machine it means "
+              f"{now}, so the rest of the stage trains in {now} (set {' and '.join(autos)} to keep one precision)",
+              flush=True)
+
+
 def _raise_on_sigterm(signum, frame):
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
 
@@ -374,7 +387,12 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     }
     # every process must agree on the run id (it names the weights later stages stand on)
     record["run_id"] = broadcast_text(record["run_id"], accelerator)
+    from pipeline.models import auto_precision
+
+    record["auto_precision"] = auto_precision(accelerator.device)
     if accelerator.is_main_process:
+        if resume:
+            _note_precision_change(recipe, stage, previous.get("auto_precision"), record["auto_precision"])
         atomic_write_json(out_dir / "stage.json", record)
 
     context = StageContext(recipe, stage, recipe.run_dir, out_dir, accelerator, dict(upstream))

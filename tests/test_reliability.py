@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import read_json
+from pipeline.artifacts import atomic_write_json, read_json
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.recipe import load_recipe
 from pipeline.run import run_recipe
@@ -358,14 +358,19 @@ def _interrupt_pretrain_at(step: int, monkeypatch):
 
 
 def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(write_recipe, capsys, monkeypatch):
-    path = write_recipe("crash", {"pretrain.max_steps": 12, "pretrain.checkpoint_every": 3, "pretrain.log_every": 1})
+    path = write_recipe("crash", {"pretrain.max_steps": 12, "pretrain.checkpoint_every": 3, "pretrain.log_every": 1,
+                                  "pretrain.precision": "auto"})
     recipe = load_recipe(path)
     with monkeypatch.context() as patch:
         _interrupt_pretrain_at(10, patch)
         with pytest.raises(KeyboardInterrupt):
             run_recipe(recipe)
     out_dir = recipe.run_dir / "pretrain"
-    assert read_json(out_dir / "stage.json")["status"] == "interrupted"
+    record = read_json(out_dir / "stage.json")
+    assert record["status"] == "interrupted" and record["auto_precision"] in ("bf16", "fp32")
+    # as if written on a CPU of the other kind: `auto` meant another precision there, and resuming says so
+    elsewhere = {"bf16": "fp32", "fp32": "bf16"}[record["auto_precision"]]
+    atomic_write_json(out_dir / "stage.json", {**record, "auto_precision": elsewhere})
     assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]
     newest = out_dir / "checkpoints" / "step-0000009" / "model.safetensors"
     newest.write_bytes(b"\0" * newest.stat().st_size)  # overwritten with garbage, same size
@@ -376,6 +381,9 @@ def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(write_recipe, cap
     out = capsys.readouterr().out
     assert "step-0000009 skipped: model.safetensors does not match its checksum" in out
     assert "resuming from step-0000006 (step 6)" in out
+    assert (f"[pretrain] note: its checkpoints were written where `auto` meant {elsewhere}; on this machine it means "
+            f"{record['auto_precision']}, so the rest of the stage trains in {record['auto_precision']} (set "
+            "pretrain.precision to keep one precision)") in out
     assert records["pretrain"]["status"] == "done"
     assert (out_dir / "checkpoints" / "corrupt-step-0000009").is_dir()
     steps = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
