@@ -253,17 +253,21 @@ def test_missing_file_and_bad_arguments(tmp_path):
 def test_hub_ids(monkeypatch):
     assert looks_like_hub_id("Anthropic/hh-rlhf") and looks_like_hub_id("tatsu-lab/alpaca:train[:100]")
     assert not looks_like_hub_id("data/x.jsonl") and not looks_like_hub_id("/abs/x") and not looks_like_hub_id("a/b/c")
+    assert looks_like_hub_id("tatsu-lab/alpaca@a1b2c3:train") and looks_like_hub_id("o/n@refs/convert/parquet")
+    assert not looks_like_hub_id("o/n.jsonl@v1") and not looks_like_hub_id("o/n@")
     calls = []
 
-    def load_dataset(name, split):
-        calls.append((name, split))
+    def load_dataset(name, split, **kwargs):
+        calls.append((name, split, kwargs))
         if name == "nobody/nothing":
             raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nmore detail")
         return [{"text": "from the hub"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     result = read_records("someone/corpus:validation", "text")
-    assert result.records == [{"text": "from the hub"}] and calls == [("someone/corpus", "validation")]
+    assert result.records == [{"text": "from the hub"}] and calls == [("someone/corpus", "validation", {})]
+    read_records("someone/corpus@v1.2", "text")  # pinned: this revision whatever main holds now
+    assert calls[-1] == ("someone/corpus", "train", {"revision": "v1.2"})
     with pytest.raises(PipelineError, match=r"^nobody/nothing: no such local file, and loading it as a hub dataset "
                                             r"failed: FileNotFoundError: Dataset 'nobody/nothing' doesn't exist on the Hub$"):
         read_records("nobody/nothing", "text")

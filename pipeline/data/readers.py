@@ -11,9 +11,10 @@ Inputs:
 - `.txt` (kind "text" only): if the file has lines that are exactly `<|endoftext|>`, those lines separate
   documents; otherwise the whole file is one document. Newlines around each document are removed, and
   whitespace-only pieces (for example after a final separator) are not documents.
-- a hub dataset id, `owner/name` or `owner/name:split` (default split "train"), when no such local path exists
-  and `owner` is not a local folder (so a mistyped `data/sft_trian` is "file not found", not a hub id); loaded
-  with `datasets.load_dataset`.
+- a hub dataset id, `owner/name`, `owner/name:split` (default split "train") or `owner/name@revision:split` (a
+  commit, tag or branch: the data a resumed or repeated run reads stays the same when the dataset's main branch
+  moves), when no such local path exists and `owner` is not a local folder (so a mistyped `data/sft_trian` is
+  "file not found", not a hub id); loaded with `datasets.load_dataset`.
 
 The record format is detected from the fields of the first record (see `formats.detect`), or named with `fmt`.
 Every bad record either stops the read with a PipelineError (on_bad="error") or is dropped and counted by
@@ -44,7 +45,8 @@ from pipeline.errors import PipelineError
 KINDS = tuple(FORMATS)
 MAX_PROBLEMS = 20
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.\[\]%:+-]+)?$")
+# owner/name, then optionally @revision (a branch, tag or commit; a branch may hold slashes), then :split
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?(:[\w.\[\]%:+-]+)?$")
 _EOT_LINE = re.compile(r"^<\|endoftext\|>[ \t\r]*$", re.MULTILINE)
 
 Row = tuple[str, Any]  # (where: "data/x.jsonl line 3", the parsed value or a BadRecord)
@@ -180,7 +182,7 @@ def path_kind(source: str | PathLike) -> str | None:
 
 
 def looks_like_hub_id(source: str) -> bool:
-    name = source.split(":", 1)[0].lower()
+    name = source.split(":", 1)[0].split("@", 1)[0].lower()
     return bool(_HUB_ID.match(source)) and not name.endswith(_SUFFIXES + (".gz", ".csv"))
 
 
@@ -327,10 +329,11 @@ def _parquet_rows(path: Path, source: str) -> list[Row]:
 
 def _hub_rows(source: str) -> list[Row]:
     name, _, split = source.partition(":")
+    name, _, revision = name.partition("@")
     try:
         import datasets  # heavy import: only when a hub id is used
 
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(name, split=split or "train", **({"revision": revision} if revision else {}))
     except Exception as e:  # offline, no such dataset, needs a config name, ...
         raise PipelineError(
             f"{source}: no such local file, and loading it as a hub dataset failed: {type(e).__name__}: {_one_line(e)}"
