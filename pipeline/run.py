@@ -391,7 +391,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
 
     record["auto_precision"] = auto_precision(accelerator.device)
     if accelerator.is_main_process:
-        if resume:
+        if resume and any((out_dir / "checkpoints").glob("*")):
             _note_precision_change(recipe, stage, previous.get("auto_precision"), record["auto_precision"])
         atomic_write_json(out_dir / "stage.json", record)
 
