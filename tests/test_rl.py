@@ -105,6 +105,23 @@ def test_prompts_are_our_rendering_and_control_tokens_typed_by_a_user_stay_text(
     assert ids[0][-1] == plain[-1] == marker  # it ends at the assistant marker, as training renders it
 
 
+def test_fewer_prompts_than_one_step_takes_are_refused(tiny_tokenizer):
+    """TRL's sampler drops an incomplete step's prompts: 3 prompts at 4 a step trained 0 steps and saved the SFT
+    model as the rl policy, reported done."""
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.stages.rl import prompt_rows
+
+    renderer = ChatRenderer(tiny_tokenizer)
+    cfg = types.SimpleNamespace(max_prompt_length=64, global_batch_size=16, num_generations=4,
+                                reward=types.SimpleNamespace(rule=1.0, model=0.0))
+    pairs = [{"prompt": [{"role": "user", "content": f"Where does person {i} live?"}], "answer": "Varn",
+              "scorer": "tiny_world"} for i in range(4)]
+    assert len(prompt_rows(pairs, cfg, renderer)[0]) == 4
+    with pytest.raises(PipelineError, match=r"^rl: 3 usable prompts, fewer than the 4 one step takes \(rl\."
+                                            r"global_batch_size 16 / rl.num_generations 4\)"):
+        prompt_rows(pairs[:3], cfg, renderer)
+
+
 def test_trl_grpo_loss_by_hand(tiny_tokenizer, tmp_path):
     """TRL's GRPO loss on one on-policy batch (ratio 1), as our stage configures it (loss_type dapo), equals
 

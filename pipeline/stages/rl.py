@@ -87,6 +87,11 @@ def prompt_rows(pairs: list[dict], cfg: RlConfig, renderer: ChatRenderer) -> tup
     if not rows:
         raise PipelineError(f"rl: no usable prompts ({len(pairs)} pairs, {too_long} prompts longer than "
                             f"rl.max_prompt_length {cfg.max_prompt_length})")
+    per_step = cfg.global_batch_size // cfg.num_generations
+    if len(rows) < per_step:  # TRL's RepeatSampler drops an incomplete step's prompts: it would train 0 steps
+        raise PipelineError(f"rl: {len(rows)} usable prompts, fewer than the {per_step} one step takes "
+                            f"(rl.global_batch_size {cfg.global_batch_size} / rl.num_generations "
+                            f"{cfg.num_generations}); give more prompts or a smaller rl.global_batch_size")
     unknown = sorted({r["scorer"] for r in rows if r["scorer"] and r["scorer"] not in RULES})
     if unknown and cfg.reward.rule:
         raise PipelineError(f"rl: the training records declare scorer `{unknown[0]}`, which has no rule (known: "
