@@ -107,19 +107,22 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     rank = accelerator.process_index if accelerator is not None else 0
     was_training = model.training
     model.eval()
-    generator_state = torch.random.get_rng_state()
     mine: dict[int, list[str]] = {}
+    device = next(model.parameters()).device
+    # the seeding above must not leak into training: the CPU generator and, on a GPU, the device's are put back
+    # (a CUDA generator reseeded alike on every rank would undo the per-process seeds trainers such as TRL's set)
+    accelerators = [device] if device.type == "cuda" else []
     try:
-        # every process makes the same number of generate calls: a sharded model (FSDP, ZeRO-3)
-        # needs all of them in each forward pass, so a process out of batches repeats the last one
-        for first in range(0, len(batches), world):
-            index = first + rank
-            if index < len(batches):
-                mine[index] = answer_within_memory(batches[index], seed + index)
-            else:
-                answer_within_memory(batches[-1], seed)
+        with torch.random.fork_rng(devices=accelerators):
+            # every process makes the same number of generate calls: a sharded model (FSDP, ZeRO-3)
+            # needs all of them in each forward pass, so a process out of batches repeats the last one
+            for first in range(0, len(batches), world):
+                index = first + rank
+                if index < len(batches):
+                    mine[index] = answer_within_memory(batches[index], seed + index)
+                else:
+                    answer_within_memory(batches[-1], seed)
     finally:
-        torch.random.set_rng_state(generator_state)
         model.train(was_training)
     if world > 1:
         from accelerate.utils import gather_object

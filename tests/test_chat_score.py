@@ -187,7 +187,9 @@ def test_generation_halves_its_batch_when_memory_runs_out(tiny_tokenizer, capsys
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                          initializer_range=0.5)).eval()
     prompts = [[{"role": "user", "content": f"Where does person {i} live?"}] for i in range(7)]
+    state = torch.random.get_rng_state()
     expected = generate_replies(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8)
+    assert torch.equal(torch.random.get_rng_state(), state)  # its seeding does not leak into training
     real_generate, widths = model.generate, []
 
     def generate(**kwargs):  # "memory" for at most 2 prompts at a time

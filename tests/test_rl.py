@@ -122,6 +122,52 @@ def test_fewer_prompts_than_one_step_takes_are_refused(tiny_tokenizer):
         prompt_rows(pairs[:3], cfg, renderer)
 
 
+def test_with_the_rule_alone_prompts_without_a_rule_are_left_out(tiny_tokenizer):
+    """Nothing scores a prompt without a rule when the rule is the only reward: its group would only tie (and TRL
+    counted its NaN rewards as neither tied nor untied). With the model weighted in, the model scores it."""
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.stages.rl import prompt_rows
+
+    renderer = ChatRenderer(tiny_tokenizer)
+    pairs = [{"prompt": [{"role": "user", "content": f"Where does person {i} live?"}], "answer": "Varn",
+              "scorer": "tiny_world" if i % 3 else ""} for i in range(9)]
+
+    def rows(rule, model):
+        cfg = types.SimpleNamespace(max_prompt_length=64, global_batch_size=8, num_generations=4,
+                                    reward=types.SimpleNamespace(rule=rule, model=model))
+        return prompt_rows(pairs, cfg, renderer)
+
+    kept, report = rows(1.0, 0.0)
+    assert [r["scorer"] for r in kept] == ["tiny_world"] * 6
+    assert report["with_rule"] == 6 and report["left_out_without_rule"] == 3 and report["prompts"] == 6
+    kept, report = rows(1.0, 0.5)
+    assert len(kept) == 9 and report["with_rule"] == 6 and report["left_out_without_rule"] == 0
+    kept, report = rows(0.0, 1.0)
+    assert len(kept) == 9 and report["left_out_without_rule"] == 0
+
+
+def test_a_resumed_epoch_samples_the_prompts_an_uninterrupted_run_does():
+    """TRL's RepeatSampler drew every epoch from one generator seeded once: a run resumed in epoch 1 (a new
+    sampler) drew epoch 0's order again. Ours seeds each epoch; epoch 0 keeps TRL's order."""
+    from trl.trainer.utils import RepeatSampler
+
+    from pipeline.stages.rl import EpochSeededRepeatSampler
+
+    prompts = list(range(12))
+    kwargs = dict(mini_repeat_count=4, batch_size=2, repeat_count=1, shuffle=True, seed=3)
+    running = EpochSeededRepeatSampler(prompts, **kwargs)
+    epochs = []
+    for epoch in range(3):
+        running.set_epoch(epoch)
+        epochs.append(list(running))
+    assert epochs[0] == list(RepeatSampler(prompts, **kwargs))
+    assert epochs[1] != epochs[0] and epochs[2] != epochs[1]
+    for epoch in (1, 2):  # a fresh sampler, as after a resume
+        resumed = EpochSeededRepeatSampler(prompts, **kwargs)
+        resumed.set_epoch(epoch)
+        assert list(resumed) == epochs[epoch]
+
+
 def test_trl_grpo_loss_by_hand(tiny_tokenizer, tmp_path):
     """TRL's GRPO loss on one on-policy batch (ratio 1), as our stage configures it (loss_type dapo), equals
 
@@ -134,7 +180,7 @@ def test_trl_grpo_loss_by_hand(tiny_tokenizer, tmp_path):
 
     from pipeline.chat_template import ChatRenderer
     from pipeline.models import frozen_copy
-    from pipeline.stages.rl import GRPOTrainerOnOurPrompts
+    from pipeline.stages.rl import EpochSeededRepeatSampler, GRPOTrainerOnOurPrompts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32,
@@ -148,6 +194,7 @@ def test_trl_grpo_loss_by_hand(tiny_tokenizer, tmp_path):
         train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}]),
         processing_class=tiny_tokenizer, renderer=ChatRenderer(tiny_tokenizer), reference=frozen_copy(model))
     assert trainer.ref_model is not None and trainer.beta == 0.1 and args.beta == 0.1
+    assert isinstance(trainer._get_train_sampler(), EpochSeededRepeatSampler)
     model.eval()
     prompt = torch.tensor([[1, 20, 21, 22], [1, 23, 24, 25]])
     reply = torch.tensor([[30, 31, 32], [33, 34, 0]])
@@ -253,6 +300,35 @@ def test_tied_rewards_give_no_gradient_and_beta_0_runs_unregularised(run_rl, mon
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(t) == 0 for t in lora_b)  # still the zero init: the policy is SFT
     assert metrics["heldout_after"]["kl_from_reference"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_resumed_rl_summarises_every_step_of_the_run(run_rl, monkeypatch, capsys):
+    """Cut in step 3 after checkpoint-2 and rerun: the stage resumes, logs each step once, and its training summary
+    covers steps 1-3, not only the step trained after the resume."""
+    from pipeline.artifacts import read_json
+    from pipeline.stages.rl import GRPOTrainerOnOurPrompts
+    from pipeline.trainer_args import StopOnNonFinite
+
+    original = StopOnNonFinite.training_step
+
+    def training_step(self, *args, **kwargs):
+        if isinstance(self, GRPOTrainerOnOurPrompts) and self.state.global_step == 2:  # not the sft or reward trainer
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StopOnNonFinite, "training_step", training_step)
+        with pytest.raises(KeyboardInterrupt):
+            run_rl(save_steps=1)
+    capsys.readouterr()
+    run_dir, records = run_rl(save_steps=1)
+    assert "[rl] resuming from checkpoint-2" in capsys.readouterr().out and records["rl"]["status"] == "done"
+    rows = logged(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    training = records["rl"]["metrics"]["training"]
+    assert training["reward"]["first"] == rows[0]["reward"] and training["reward"]["last"] == rows[-1]["reward"]
+    assert training["reward"]["mean"] == pytest.approx(sum(r["reward"] for r in rows) / 3)
+    assert read_json(run_dir / "rl" / "stage.json")["metrics"]["steps"] == 3
 
 
 def test_rl_lm_head_changes_only_lm_head(run_rl):

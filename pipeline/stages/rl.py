@@ -37,19 +37,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer.utils import RepeatSampler, add_fused_lm_head
 
-from pipeline.artifacts import append_jsonl
+from pipeline.artifacts import append_jsonl, read_jsonl_tolerant
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.pairs import split_pairs, tokenize_pairs
 from pipeline.data.split import prompt_key
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, read_scored_questions, summary
-from pipeline.generation import prompts_of, stop_token_ids, within_context
+from pipeline.generation import context_length, prompts_of, stop_token_ids, within_context
 from pipeline.logprobs import completion_logps
 from pipeline.models import (
     count_parameters,
@@ -87,22 +88,44 @@ def prompt_rows(pairs: list[dict], cfg: RlConfig, renderer: ChatRenderer) -> tup
     if not rows:
         raise PipelineError(f"rl: no usable prompts ({len(pairs)} pairs, {too_long} prompts longer than "
                             f"rl.max_prompt_length {cfg.max_prompt_length})")
+    unknown = sorted({r["scorer"] for r in rows if r["scorer"] and r["scorer"] not in RULES})
+    if unknown and cfg.reward.rule:
+        raise PipelineError(f"rl: the training records declare scorer `{unknown[0]}`, which has no rule (known: "
+                            f"{', '.join(RULES)}); set rl.reward.rule: 0 to score the replies with the model alone")
+    ruled = [r for r in rows if r["scorer"] and r["answer"]]
+    without_rule = 0
+    if cfg.reward.rule and not cfg.reward.model:
+        if not ruled:
+            raise PipelineError("rl: rl.reward.rule is the only reward, but no training record declares a rule "
+                                "(the `scorer` and `answer` fields the tiny world's dpo_train.jsonl has); give "
+                                "rl.reward.model a weight, or train on such records")
+        # with the rule alone nothing scores such a prompt: every reply of its group would tie, a step's worth of
+        # sampling for no gradient, and TRL would count the group's NaN rewards as neither tied nor untied
+        without_rule, rows = len(rows) - len(ruled), ruled
     per_step = cfg.global_batch_size // cfg.num_generations
     if len(rows) < per_step:  # TRL's RepeatSampler drops an incomplete step's prompts: it would train 0 steps
         raise PipelineError(f"rl: {len(rows)} usable prompts, fewer than the {per_step} one step takes "
                             f"(rl.global_batch_size {cfg.global_batch_size} / rl.num_generations "
                             f"{cfg.num_generations}); give more prompts or a smaller rl.global_batch_size")
-    unknown = sorted({r["scorer"] for r in rows if r["scorer"] and r["scorer"] not in RULES})
-    if unknown and cfg.reward.rule:
-        raise PipelineError(f"rl: the training records declare scorer `{unknown[0]}`, which has no rule (known: "
-                            f"{', '.join(RULES)}); set rl.reward.rule: 0 to score the replies with the model alone")
-    ruled = sum(bool(r["scorer"] and r["answer"]) for r in rows)
-    if cfg.reward.rule and not cfg.reward.model and not ruled:
-        raise PipelineError("rl: rl.reward.rule is the only reward, but no training record declares a rule (the "
-                            "`scorer` and `answer` fields the tiny world's dpo_train.jsonl has); give "
-                            "rl.reward.model a weight, or train on such records")
     return rows, {"prompts": len(rows), "repeated_prompts": len(pairs) - len(seen), "too_long": too_long,
-                  "with_rule": ruled}
+                  "with_rule": len(ruled), "left_out_without_rule": without_rule}
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler with each epoch's order drawn from a generator seeded by (seed, epoch). TRL's draws every
+    epoch from one generator seeded when the sampler is made, so a run resumed in its second epoch or later drew
+    the first epoch's order again, not the one an uninterrupted run goes on with. Epoch 0 is TRL's order."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the trainer (through accelerate) before each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            seed = self.seed if self.seed is not None else 0
+            self.generator = torch.Generator().manual_seed(seed if self.epoch == 0 else seed * 1_000_003 + self.epoch)
+        return super().__iter__()
 
 
 class GRPOTrainerOnOurPrompts(StopOnNonFinite, GRPOTrainer):
@@ -120,6 +143,13 @@ class GRPOTrainerOnOurPrompts(StopOnNonFinite, GRPOTrainer):
         if reference is not None and beta:
             add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
             self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if type(sampler) is not RepeatSampler:
+            return sampler
+        return EpochSeededRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
 
     def _tokenize_prompts(self, prompts: list):
         return [self.renderer.prompt_ids(prompt) for prompt in prompts], None, {}
@@ -161,6 +191,13 @@ class RlLog(TrainerCallback):
             self.rows.append({"step": state.global_step, **ours})
         if self.enabled:
             append_jsonl(self.path, {"step": state.global_step, **ours, **logs})
+
+    def read_back(self) -> None:
+        """A resumed run's steps before its checkpoint, from metrics.jsonl (cut back to the checkpoint), so the
+        stage's summary covers the whole run, not only the steps after the resume."""
+        if self.path.is_file():
+            self.rows = [{"step": r["step"], **{name: r[name] for name in LOGGED if name in r}}
+                         for r in read_jsonl_tolerant(self.path) if "reward" in r and "step" in r]
 
 
 def curve(rows: list[dict]) -> dict:
@@ -224,7 +261,9 @@ def run(cfg: RlConfig, ctx) -> dict:
     if cfg.trainable == "lora":
         require_lora_targets(model, cfg.lora, "rl")
     if cfg.trainable == "lm_head":
-        reference = frozen_copy(model)
+        # on the policy's device: TRL prepares (and so moves) a reference only when beta > 0, and the KL after
+        # training reads it either way
+        reference = frozen_copy(model).to(accelerator.device)
         train_only_lm_head(model)
     funcs, weights, scored_by = build_rewards(cfg, ctx)
 
@@ -234,8 +273,10 @@ def run(cfg: RlConfig, ctx) -> dict:
     train_set = Dataset.from_list(rows)
     eval_pairs = eval_pairs[: cfg.eval_limit]
     answers = read_scored_questions(cfg.answer_data, cfg.eval_limit)
+    left_out = prompts["left_out_without_rule"]
     ctx.log(f"{prompts['prompts']:,} prompts ({prompts['with_rule']:,} with a rule) from {len(pairs):,} pairs; "
-            f"repeated {prompts['repeated_prompts']}; too long {prompts['too_long']}; dropped "
+            f"repeated {prompts['repeated_prompts']}; too long {prompts['too_long']}; "
+            f"{f'without a rule (the only reward) {left_out}; ' if left_out else ''}dropped "
             f"{report['dropped'] or 'none'}; reference = the SFT model ({sft_dir})")
 
     started = time.perf_counter()
@@ -279,6 +320,8 @@ def run(cfg: RlConfig, ctx) -> dict:
                      reference=reference)
     ctx.log(f"held-out before rl ({len(eval_pairs)} pairs, {len(answers)} questions): {described(before)}")
     last = resume_checkpoint(ctx)
+    if last and ctx.is_main:  # only the main process writes the log
+        log.read_back()
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     train_s = setup_s + time.perf_counter() - started
@@ -295,7 +338,7 @@ def run(cfg: RlConfig, ctx) -> dict:
                     reference=reference)
     ctx.log(f"held-out after rl: {described(after)}")
     # a fingerprint of the final in-memory policy, so a rebuild from the saved folders can be checked
-    probe_rows, _ = tokenize_pairs(pairs[:4], renderer, max_length=1 << 30)
+    probe_rows, _ = tokenize_pairs(pairs[:4], renderer, max_length=context_length(policy))
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in probe_rows], pad_id).tolist()
 
     if ctx.is_main:
