@@ -17,7 +17,7 @@ import torch
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.pairs import tokenize_pairs
 from pipeline.errors import PipelineError
-from pipeline.generation import generate_replies, prompts_of
+from pipeline.generation import context_length, generate_replies, prompts_of
 from pipeline.logprobs import completion_logps, perplexity_of, sequence_kl, summed_loss
 
 # name -> what it means; the report prints the labels of the metrics that apply
@@ -34,6 +34,7 @@ METRICS = {
     "reward_accuracy": "preference accuracy (implicit reward vs the reference)",
     "reward_margin": "mean reward margin (beta x log-ratio vs the reference)",
     "chosen_perplexity": "perplexity of the chosen replies (lower is better)",
+    "pairs_too_long": "held-out pairs left out: longer than the model's context",
     "kl_from_reference": "KL from the reference model (nats per reply)",
     "reward_score": "reward model's mean score of the replies (the run's reward stage; higher is better)",
 }
@@ -149,7 +150,8 @@ def text_perplexity(model, tokenizer, texts: list[str], seq_len: int = 128, batc
 def preference_metrics(model, renderer, pairs: list[dict], pad_id: int, settings: Settings, reference=None) -> dict:
     """Log-likelihood preference and chosen-reply perplexity; against the reference (`reference`, else
     the adapter disabled) also the implicit rewards beta * (log pi - log ref). Ties count as half a win."""
-    rows, _ = tokenize_pairs(pairs, renderer, max_length=1 << 30)  # score every pair
+    # every pair that fits the context: past its positions a model's log-probs mean nothing
+    rows, too_long = tokenize_pairs(pairs, renderer, max_length=context_length(model))
     if not rows:
         return {}
     chosen = [(r["prompt_ids"], r["chosen_ids"]) for r in rows]
@@ -162,6 +164,7 @@ def preference_metrics(model, renderer, pairs: list[dict], pad_id: int, settings
         "chosen_logp": policy_w.mean().item(),
         "rejected_logp": policy_l.mean().item(),
         "pairs": len(rows),
+        **({"pairs_too_long": too_long} if too_long else {}),
     }
     if settings.reference and settings.beta is not None:
         with _reference_of(model, reference) as ref:

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from pipeline.chat_template import ChatRenderer
-from pipeline.data.pairs import tokenize_pairs
+from pipeline.data.pairs import pair_length, tokenize_pair, tokenize_pairs
 from pipeline.errors import PipelineError
+from pipeline.generation import context_length
 from pipeline.lineage import lineage_head, read_lineage, require_current
 
 HEAD = "sequence-classification"  # lineage.json `head` of a reward stage
@@ -135,22 +136,25 @@ def _share(margin: torch.Tensor) -> float:
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
-def _pair_rewards(model, renderer: ChatRenderer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) rewards of each pair's chosen and rejected side, one per pair in order (no pair is dropped)."""
-    rows, _ = tokenize_pairs(pairs, renderer, max_length=1 << 30)
-    chosen = reward_scores(model, [r["prompt_ids"] + r["chosen_ids"] for r in rows])
-    rejected = reward_scores(model, [r["prompt_ids"] + r["rejected_ids"] for r in rows])
-    return chosen, rejected
+def _pair_rewards(model, renderer: ChatRenderer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """(N,) rewards of each pair's chosen and rejected side, and the N pairs they score, in order: every pair that
+    fits the model's context (past its positions a score means nothing; learned positions fail outright)."""
+    room = context_length(model)
+    kept = [(pair, row) for pair in pairs if pair_length(row := tokenize_pair(renderer, pair)) <= room]
+    chosen = reward_scores(model, [r["prompt_ids"] + r["chosen_ids"] for _, r in kept])
+    rejected = reward_scores(model, [r["prompt_ids"] + r["rejected_ids"] for _, r in kept])
+    return chosen, rejected, [pair for pair, _ in kept]
 
 
 def pairwise_metrics(model, renderer: ChatRenderer, pairs: list[dict]) -> dict:
     """Held-out pairwise accuracy (r_chosen > r_rejected) and mean margin r_chosen - r_rejected."""
-    if not pairs:
+    chosen, rejected, scored = _pair_rewards(model, renderer, pairs)
+    if not scored:
         return {}
-    chosen, rejected = _pair_rewards(model, renderer, pairs)
     margin = chosen - rejected
     return {"pairwise_accuracy": _share(margin), "mean_margin": margin.mean().item(),
-            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(), "pairs": len(pairs)}
+            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(), "pairs": len(scored),
+            **({"pairs_too_long": len(pairs) - len(scored)} if len(scored) < len(pairs) else {})}
 
 
 def _wrong_fact_pairs(records: list[dict], seed: int) -> list[dict]:
@@ -164,10 +168,9 @@ def fact_ranking(model, renderer: ChatRenderer, records: list[dict], seed: int) 
     """On held-out questions of the tiny world (records that declare its scorer): the share where the
     reply with the right fact outscores the same reply with another person's value (pipeline/data/world.py),
     overall and per attribute (one attribute near chance shows where the score does not read the facts)."""
-    pairs = _wrong_fact_pairs(records, seed)
+    chosen, rejected, pairs = _pair_rewards(model, renderer, _wrong_fact_pairs(records, seed))
     if not pairs:
         return {}
-    chosen, rejected = _pair_rewards(model, renderer, pairs)
     margin = chosen - rejected
     by_attribute = {}
     for attribute in sorted({p["attribute"] for p in pairs}):
@@ -182,7 +185,7 @@ def likelihood_fact_ranking(causal, renderer: ChatRenderer, records: list[dict],
     SFT model it says how much of what the model knows the reward model's head has learnt to read."""
     from pipeline.logprobs import completion_logps
 
-    rows, _ = tokenize_pairs(_wrong_fact_pairs(records, seed), renderer, max_length=1 << 30)
+    rows, _ = tokenize_pairs(_wrong_fact_pairs(records, seed), renderer, max_length=context_length(causal))
     if not rows:
         return {}
     chosen = completion_logps(causal, [(r["prompt_ids"], r["chosen_ids"]) for r in rows], pad_id)

@@ -257,6 +257,32 @@ def test_dpo_lm_head_changes_only_lm_head(aligned_run):
     assert math.isfinite(after["kl_from_reference"]) and after["kl_from_reference"] > 0
 
 
+def test_held_out_pairs_longer_than_the_context_are_left_out_and_counted(tiny_tokenizer):
+    """A model with learned positions (GPT-2, 24 of them) fails outright on a longer row: the held-out pair
+    scorers (dpo's log-likelihoods, the reward model's scores) leave such a pair out and say how many."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from pipeline.chat_template import ChatRenderer
+    from pipeline.evaluation import Settings, preference_metrics
+    from pipeline.rewards import pairwise_metrics
+
+    renderer = ChatRenderer(tiny_tokenizer)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=24, n_embd=16, n_layer=1, n_head=2, num_labels=1,
+                        pad_token_id=tiny_tokenizer.pad_token_id)
+    short = {"prompt": [{"role": "user", "content": "Where does Nozan live?"}],
+             "chosen": [{"role": "assistant", "content": "Varn."}],
+             "rejected": [{"role": "assistant", "content": "Tamber."}]}
+    long = {**short, "chosen": [{"role": "assistant", "content": "Nozan lives in Varn, " * 10}]}
+    torch.manual_seed(0)
+    metrics = preference_metrics(GPT2LMHeadModel(config).eval(), renderer, [short, long, short],
+                                 tiny_tokenizer.pad_token_id, Settings())
+    assert metrics["pairs"] == 2 and metrics["pairs_too_long"] == 1 and math.isfinite(metrics["chosen_logp"])
+    scored = pairwise_metrics(GPT2ForSequenceClassification(config).eval(), renderer, [long, short])
+    assert scored["pairs"] == 1 and scored["pairs_too_long"] == 1 and math.isfinite(scored["mean_margin"])
+    assert preference_metrics(GPT2LMHeadModel(config).eval(), renderer, [short], 0, Settings())["pairs"] == 1
+    assert "pairs_too_long" not in pairwise_metrics(GPT2ForSequenceClassification(config).eval(), renderer, [short])
+
+
 def test_reward_without_sft_is_one_line_error(tiny_world, tmp_path):
     data = tiny_recipe_dict(tiny_world, tmp_path / "runs", "nosft")
     data["reward"] = reward_section(tiny_world)
