@@ -479,8 +479,8 @@ class RlRewardArgs:
 
     rule: float = option(1.0, "weight of the rule a training record declares in its `scorer` field (tiny_world: 1 if "
                               "the reply states the right fact, else 0, minus habit_penalty when the habit's preamble "
-                              "is there); records that declare none are scored by the model alone, or left out of training "
-                              "when `model` is 0", min=0)
+                              "is there); records that declare none are scored by the model alone, or left out of "
+                              "training when `model` is 0", min=0)
     model: float = option(0.0, "weight of the reward stage's model, which scores prompt + reply (needs a `reward` "
                                "section)", min=0)
     habit_penalty: float = option(0.5, "what the tiny_world rule subtracts when the reply carries the habit's "
