@@ -157,6 +157,11 @@ class SameBatchesOnAnyTopology:
         return epoch_seeded_length_sampler(global_batch, dataset["length"], seed)
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator of its own for one epoch's order: the same order whenever that epoch is drawn, resumed or not."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def epoch_seeded_length_sampler(batch_size: int, lengths: list[int], seed: int):
     """transformers' LengthGroupedSampler with each epoch's order drawn from its own generator, seeded by (seed,
     epoch). The plain one draws from the global RNG when the epoch starts; a resumed run draws its epoch again
@@ -171,7 +176,7 @@ def epoch_seeded_length_sampler(batch_size: int, lengths: list[int], seed: int):
             self.epoch = epoch
 
         def __iter__(self):
-            self.generator = torch.Generator().manual_seed(seed * 1_000_003 + self.epoch)
+            self.generator = epoch_generator(seed, self.epoch)
             return super().__iter__()
 
     return EpochSeeded(batch_size, lengths=lengths)

@@ -63,7 +63,13 @@ from pipeline.models import (
 )
 from pipeline.recipe import RlConfig, ceiling_note, split_batch
 from pipeline.rewards import RULES, ModelReward, load_reward_model, rule_reward_function
-from pipeline.trainer_args import ChecksumOnSave, StopOnNonFinite, common_trainer_kwargs, resume_checkpoint
+from pipeline.trainer_args import (
+    ChecksumOnSave,
+    StopOnNonFinite,
+    common_trainer_kwargs,
+    epoch_generator,
+    resume_checkpoint,
+)
 
 # our names for what the issue asks to log per step -> TRL's names
 LOGGED = {"reward": "reward", "kl": "kl", "reply_tokens": "completions/mean_length",
@@ -124,7 +130,8 @@ class EpochSeededRepeatSampler(RepeatSampler):
     def __iter__(self):
         if self.shuffle:
             seed = self.seed if self.seed is not None else 0
-            self.generator = torch.Generator().manual_seed(seed if self.epoch == 0 else seed * 1_000_003 + self.epoch)
+            # epoch 0 as TRL seeds it, so runs that never reach a second epoch are unchanged
+            self.generator = epoch_generator(seed, self.epoch) if self.epoch else torch.Generator().manual_seed(seed)
         return super().__iter__()
 
 
