@@ -88,8 +88,12 @@ def test_pretraining_beats_unigram_and_bigram(write_recipe):
     out = load_recipe(path).run_dir / "pretrain"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
-    AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.model_type == "llama"
+    # plain generate stops where a chat turn ends, as every stage built on this model does (eos alone ran on
+    # into an invented next turn: the README's loading snippet printed "...<|end|><|user|>...")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert model.generation_config.eos_token_id == [end_of_turn, tokenizer.eos_token_id]
 
 
 def test_rerun_skips_and_changed_config_reruns_from_that_stage(write_recipe, capsys):

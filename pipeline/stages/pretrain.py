@@ -26,10 +26,12 @@ from pipeline.artifacts import (
     truncate_log,
     write_checksums,
 )
+from pipeline.chat_template import ChatRenderer
 from pipeline.data.packing import PackedBlocks, cache_key, load_or_pack, pack, tokenize_documents
 from pipeline.data.readers import read_records
 from pipeline.distributed import require_ranks_agree
 from pipeline.errors import PipelineError, StageFailed
+from pipeline.generation import stop_token_ids
 from pipeline.logprobs import summed_loss
 from pipeline.models import autocast_dtype, build_model, count_parameters
 from pipeline.ngram import baseline_perplexities
@@ -46,8 +48,6 @@ def render_chats(files: list[str], tokenizer) -> list[list[int]]:
     """Conversations as token ids through the one chat renderer, without the BOS that packing adds."""
     if not files:
         return []
-    from pipeline.chat_template import ChatRenderer
-
     renderer = ChatRenderer(tokenizer)
     out = []
     for file in files:
@@ -306,7 +306,9 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     # save
     if ctx.is_main:
         raw_model.generation_config.bos_token_id = tokenizer.bos_token_id
-        raw_model.generation_config.eos_token_id = tokenizer.eos_token_id
+        # the tokenizer carries the chat template, so plain transformers' generate stops at the end of a turn
+        # (and at eos) as the stages built on this model do; eos alone ran on into an invented next turn
+        raw_model.generation_config.eos_token_id = stop_token_ids(tokenizer, ChatRenderer(tokenizer))
         raw_model.generation_config.pad_token_id = tokenizer.pad_token_id
         raw_model.save_pretrained(ctx.out_dir, safe_serialization=True)
         tokenizer.save_pretrained(ctx.out_dir)
