@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   pipeline eval runs/quickstart                                   every stage side by side: report.md, plots
   pipeline chat runs/quickstart/dpo --greedy                     talk to a stage's model
   pipeline serve runs/quickstart --port 8000                     OpenAI-style API; / compares two stages
-  pipeline score runs/quickstart/pretrain "Nozan lives in Fennick." "Nozan lives in Varn."
+  pipeline score runs/quickstart/pretrain "Kunfo lives in Quenby." "Kunfo lives in Varn."
   pipeline export runs/quickstart/dpo exports/quickstart-dpo      one merged model folder for other tools
   pipeline data check data/my_chats.jsonl --tokenizer runs/quickstart/tokenizer   audit a data file
 """
