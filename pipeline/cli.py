@@ -18,11 +18,11 @@ EXAMPLES = """examples:
   pipeline run recipes/quickstart.yaml --only pretrain           one stage (its inputs must exist)
   pipeline check recipes/quickstart.yaml --explain               validate; list every key with its doc
   pipeline data generate --out data/tiny_world --seed 0          regenerate the built-in data
-  pipeline eval runs/quickstart                                   every stage side by side: report.md, plots
+  pipeline eval runs/quickstart                                  every stage side by side: report.md, plots
   pipeline chat runs/quickstart/dpo --greedy                     talk to a stage's model
   pipeline serve runs/quickstart --port 8000                     OpenAI-style API; / compares two stages
   pipeline score runs/quickstart/pretrain "Kunfo lives in Quenby." "Kunfo lives in Varn."
-  pipeline export runs/quickstart/dpo exports/quickstart-dpo      one merged model folder for other tools
+  pipeline export runs/quickstart/dpo exports/quickstart-dpo     one merged model folder for other tools
   pipeline data check data/my_chats.jsonl --tokenizer runs/quickstart/tokenizer   audit a data file
 """
 
