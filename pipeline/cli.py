@@ -54,7 +54,9 @@ def _print_summary(recipe, records) -> None:
         line += _held_out_change(metrics)
         if (recipe.run_dir / stage / "report.md").is_file():
             line += "  side by side in report.md"
-        if record.get("wall_time_s") is not None:
+        if record.get("wall_time_total_s") is not None:  # resumed: this attempt's time and the stage's in all
+            line += f"  [{record['wall_time_s']:.0f}s; {record['wall_time_total_s']:.0f}s with the attempts it resumed]"
+        elif record.get("wall_time_s") is not None:
             line += f"  [{record['wall_time_s']:.0f}s]"
         print(line)
 

@@ -407,6 +407,8 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     # (a fresh LoRA's A matrices, a reward head) came from a random torch seed: two runs of one recipe gave
     # other adapters (quickstart sft 0.936-0.984 held-out accuracy on one CPU).
     set_seed(recipe.seed)
+    # a resumed stage's time so far: the attempts it resumes (interrupted, failed) count as much as this one
+    earlier = (previous.get("wall_time_total_s") or previous.get("wall_time_s") or 0) if resume else 0
     start = time.perf_counter()
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
@@ -415,7 +417,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     except BaseException as exc:
         _close_progress_bars()
         status, reason = _failure(exc)
-        record.update(status=status, error=reason, wall_time_s=round(time.perf_counter() - start, 2))
+        record.update(status=status, error=reason, **_wall_times(start, earlier))
         if accelerator.is_main_process:
             atomic_write_json(out_dir / "stage.json", record)
         if is_out_of_memory(exc):
@@ -427,7 +429,7 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     record.update(
         status="done",
         metrics=metrics,
-        wall_time_s=round(time.perf_counter() - start, 2),
+        **_wall_times(start, earlier),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **peak_memory_mb(),
     )
@@ -437,6 +439,12 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
         atomic_write_json(out_dir / "stage.json", record)
     context.log(f"done in {record['wall_time_s']:.1f}s")
     return record
+
+
+def _wall_times(start: float, earlier: float) -> dict:
+    """This attempt's seconds, and with earlier attempts of the same stage (a resumed one) their sum too."""
+    this = round(time.perf_counter() - start, 2)
+    return {"wall_time_s": this, **({"wall_time_total_s": round(earlier + this, 2)} if earlier else {})}
 
 
 def peak_memory_mb() -> dict:

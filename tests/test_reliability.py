@@ -444,7 +444,11 @@ def test_sigterm_records_interrupted_and_the_rerun_resumes(write_recipe, cli_env
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from step-" in done.stdout
-    assert read_json(run_dir / "pretrain" / "stage.json")["status"] == "done"
+    resumed = read_json(run_dir / "pretrain" / "stage.json")
+    assert resumed["status"] == "done"
+    # the summary's time covers the interrupted attempt too, not only the part after the resume
+    assert resumed["wall_time_total_s"] == pytest.approx(record["wall_time_s"] + resumed["wall_time_s"], abs=0.02)
+    assert f"s; {resumed['wall_time_total_s']:.0f}s with the attempts it resumed]" in done.stdout
 
 
 # ---------------------------------------------------------------- the fingerprint sees every input
