@@ -17,6 +17,13 @@ def ranks_agree(model, accelerator, trainable_only: bool = False) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
+def whole_state_dict(trainer) -> dict:
+    """The trained model's whole state dict, for the main process to save. Every process must call it: under
+    ZeRO-3 or FSDP it gathers the shards (a collective). On one device or under DDP it is the model's own tensors,
+    no copy. Saving the model as it is wrote ZeRO-3's empty parameter stubs, or the main process's FSDP shard."""
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
 def leave_process_group() -> None:
     """Destroy the default process group, if one was started, before the interpreter exits.
 

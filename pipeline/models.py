@@ -37,6 +37,12 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). torch's default check also says yes where it only emulates bf16
+    (V100, T4: several times slower than their fp16), which made `auto` pick emulated bf16 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting, or None for plain fp32."""
     if precision == "fp32":
@@ -49,7 +55,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     # auto
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_bf16() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
@@ -195,7 +201,7 @@ def count_parameters(model) -> tuple[int, int]:
 def resolve_dtype(name: str, device_type: str = "cpu") -> torch.dtype:
     if name == "auto":
         if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_bf16() else torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -340,6 +346,20 @@ def load_stage_model(stage_dir: str | Path, dtype: torch.dtype | None = None, qu
     return model, AutoTokenizer.from_pretrained(stage_dir)
 
 
+def gpu_placement() -> dict:
+    """from_pretrained's device_map for this process's GPU. Without it a loaded model stayed on the CPU of a GPU
+    machine until a trainer moved it: chat, serve, score, the eval stage and the held-out passes before training
+    ran there (and flash attention, which takes CUDA tensors only, failed). Empty without CUDA, and under FSDP or
+    DeepSpeed, whose trainers shard the model from the CPU: a whole copy on every GPU first might not fit."""
+    if not torch.cuda.is_available():
+        return {}
+    if any(os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" for kind in ("FSDP", "DEEPSPEED")):
+        return {}
+    from accelerate import PartialState
+
+    return {"device_map": {"": PartialState().device}}
+
+
 def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, dtype: torch.dtype | None = None,
                quantization=None, merge_all: bool = False):
     """The causal LM of a lineage: the base, then each adapter merged in order; the last stays a
@@ -359,11 +379,12 @@ def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, 
         kwargs.pop("revision", None)
     if dtype is None:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(options.get("dtype"), torch.float32)
+    placement = {} if quantization is not None else gpu_placement()  # bitsandbytes places a 4-bit model itself
     try:
         config = AutoConfig.from_pretrained(base, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype, use_safetensors=True, quantization_config=quantization,
-            attn_implementation=default_attention(config, options.get("attn_implementation")), **kwargs)
+            attn_implementation=default_attention(config, options.get("attn_implementation")), **placement, **kwargs)
     except OSError as exc:
         raise PipelineError(f"{stage_dir}: cannot load its base {base}: {_first_line(exc)}") from None
     for adapter in adapters[: None if merge_all else -1]:
@@ -373,14 +394,15 @@ def load_chain(stage_dir: Path, base: str, adapters: list[Path], options: dict, 
     return model
 
 
-def save_aligned_policy(policy, tokenizer, renderer, out_dir: Path, sft_dir: Path, trainable: str, stage: str) -> None:
+def save_aligned_policy(policy, tokenizer, renderer, out_dir: Path, sft_dir: Path, trainable: str, stage: str,
+                        state_dict: dict | None = None) -> None:
     """A preference stage's policy (dpo, rl) trained on the SFT model: its adapter on top of the SFT
     chain (`trainable: lora`), or a full model folder (`lm_head`); the tokenizer; a generation config
     that stops at the end of the assistant's turn; and the lineage that rebuilds it."""
     from pipeline.generation import stop_token_ids
     from pipeline.lineage import write_lineage
 
-    policy.save_pretrained(out_dir, safe_serialization=True)
+    policy.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)  # whole_state_dict's
     tokenizer.save_pretrained(out_dir)
     generation = policy.generation_config
     generation.eos_token_id = stop_token_ids(tokenizer, renderer)

@@ -24,6 +24,14 @@ def trains_in_bf16(precision: str, base_dtype: str, device_type: str) -> bool:
     return precision == "bf16"
 
 
+def trains_in_fp16(precision: str, base_dtype: str, device_type: str) -> bool:
+    """fp16 mixed precision (the trainer's loss scaling): asked for, or `auto` on a GPU where the base resolves to
+    fp16 (a float16 base, or `auto` before Ampere). Without it such a base trained in plain fp16, unscaled."""
+    if precision == "auto":
+        return device_type == "cuda" and resolve_dtype(base_dtype, device_type) == torch.float16
+    return precision == "fp16"
+
+
 def micro_batch_ceiling(cfg, base_dtype: str, device_type: str) -> int:
     """A LoRA stage's micro_batch_size, or its fp32_micro_batch_size when that is smaller and the stage trains in
     fp32 on a CPU: fp32 activations take twice the memory of bf16 ones, and on such CPUs a smaller micro-batch
@@ -57,7 +65,7 @@ def common_trainer_kwargs(cfg, ctx, split: BatchSplit, base_dtype: str = "auto")
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio in transformers 5
         bf16=bf16,
-        fp16=cfg.precision == "fp16",
+        fp16=trains_in_fp16(cfg.precision, base_dtype, device_type),
         use_cpu=device_type == "cpu",
         gradient_checkpointing=False,
         # shuffled groups of similar lengths: with 20-400 token conversations a random batch is

@@ -72,3 +72,35 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
     load_stage_model(tmp_path / "runs" / "gemma2-2b" / "dpo")
     assert seen["attn_implementation"] == "eager" and seen["trust_remote_code"] is False
     assert seen["use_safetensors"] is True
+
+
+def test_gpu_decisions_on_a_simulated_gpu(monkeypatch):
+    """What a GPU machine gets, decided without one: models load onto this process's GPU (chat, serve, eval and the
+    held-out passes ran on the CPU of a GPU machine), except under FSDP or DeepSpeed, whose trainers shard them from
+    the CPU; `auto` is bf16 only where the GPU has it in hardware (torch's check says yes to emulated bf16 on V100
+    and T4), else fp16 with the trainer's loss scaling (it trained unscaled: both flags were off)."""
+    import torch
+    from accelerate import PartialState
+
+    from pipeline.models import autocast_dtype, gpu_placement, resolve_dtype
+    from pipeline.trainer_args import trains_in_bf16, trains_in_fp16
+
+    assert gpu_placement() == {} or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kind in ("FSDP", "DEEPSPEED"):
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+        monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+        assert gpu_placement() == {"device_map": {"": PartialState().device}}
+        monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+        assert gpu_placement() == {}, kind
+
+    cuda = torch.device("cuda")
+    for ampere in (True, False):  # V100 / T4: bf16 only emulated
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: ampere or including_emulation)
+        half = torch.bfloat16 if ampere else torch.float16
+        assert autocast_dtype("auto", cuda) == half and resolve_dtype("auto", "cuda") == half
+        assert trains_in_bf16("auto", "auto", "cuda") is ampere and trains_in_fp16("auto", "auto", "cuda") is not ampere
+    assert trains_in_fp16("auto", "float16", "cuda") and not trains_in_bf16("auto", "float16", "cuda")
+    assert trains_in_fp16("fp16", "auto", "cuda") and not trains_in_fp16("auto", "float16", "cpu")
+    assert not trains_in_fp16("bf16", "float16", "cuda") and not trains_in_fp16("fp32", "auto", "cuda")

@@ -159,6 +159,36 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(write_recipe, monkeypatch
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_fp16_pretraining_scales_the_loss_and_skips_the_steps_that_overflow(write_recipe, monkeypatch):
+    """fp16 autocast (a GPU's `fp16`, or `auto` before Ampere) trains through a loss scaler, as a trainer's fp16
+    does: without one small gradients underflow to zero. A step whose scaled gradients overflow is skipped and the
+    scale lowered, not taken for a diverged run. Here on the CPU, whose autocast runs float16 too."""
+    import functools
+
+    import pipeline.stages.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "autocast_dtype", lambda precision, device: torch.float16)
+    # a scale far past fp16's range (65504): the first steps must overflow
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
+    path = write_recipe(updates={"pretrain.max_steps": 30, "pretrain.log_every": 1, "pretrain.eval_every": 1000,
+                                 "pretrain.checkpoint_every": 1000})
+    records = run_recipe(load_recipe(path))
+    run_dir = load_recipe(path).run_dir
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    metrics = records["pretrain"]["metrics"]
+    assert metrics["precision"] == "float16" and 1 <= metrics["fp16_skipped_steps"] < 30
+    skipped = [row for row in steps if row["grad_norm"] is None]
+    assert len(skipped) == metrics["fp16_skipped_steps"] and steps[0]["grad_norm"] is None
+    scales = [row["loss_scale"] for row in steps]
+    assert scales[0] == 2.0**23 and scales == sorted(scales, reverse=True)  # halved at each overflow
+    assert steps[-1]["loss"] < steps[len(skipped)]["loss"] - 0.5  # the steps after the overflow trained
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "pretrain" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_kill_during_pretraining_then_rerun_resumes(write_recipe, cli_env):
     updates = {"pretrain.max_steps": 300, "pretrain.checkpoint_every": 10, "pretrain.log_every": 1,
                "pretrain.eval_every": 1000}
@@ -301,3 +331,21 @@ def test_auto_precision_follows_the_cpu_and_a_capped_onednn(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert cpu_has_fast_bf16() is hardware
     assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp32", cpu) is None  # explicit wins
+
+
+def test_pretraining_under_deepspeed_or_fsdp_is_refused_in_one_line():
+    """Its own loop needs a whole model on every process: under DeepSpeed accelerate raised ValueError from inside
+    prepare(), under FSDP the main process would save only its shard."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline.errors import PipelineError
+    from pipeline.stages.pretrain import require_replicated
+
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(PipelineError, match=f"pretrain runs on one device or under DDP, not {kind.value}: "
+                                                "launch the recipe with launch/accelerate/ddp.yaml"):
+            require_replicated(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        require_replicated(SimpleNamespace(distributed_type=kind))

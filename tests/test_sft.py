@@ -256,3 +256,27 @@ def test_fp32_on_the_cpu_caps_the_micro_batch(monkeypatch):
     assert ceiling("auto") == 2
     monkeypatch.setattr("pipeline.models.cpu_has_fast_bf16", lambda: True)
     assert ceiling("auto") == 8
+
+
+def test_lora_adapters_take_the_base_dtype_under_zero3_only():
+    """ZeRO-3 gathers parameters into buffers of the first one's dtype: fp32 adapters beside a bf16 base raised
+    TypeError at the first optimizer step (trl#6089), so there the adapters stay bf16, as TRL makes them. Elsewhere
+    peft keeps them fp32."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.recipe import SftConfig
+    from pipeline.stages.sft import attach_lora
+
+    def adapter_dtypes(zero_stage):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2)).to(torch.bfloat16)
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+        peft_model = attach_lora(model, SftConfig(train_data=["x"]), accelerator)
+        return {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+
+    assert adapter_dtypes(3) == {torch.bfloat16}
+    assert adapter_dtypes(None) == adapter_dtypes(2) == {torch.float32}

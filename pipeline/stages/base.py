@@ -112,8 +112,10 @@ def run(cfg: BaseModelConfig, ctx) -> dict:
                "control_tokens_marked": marked, "vocab_size": len(tokenizer), "dtype": options["dtype"]}
 
     if kind == "gguf":
-        # float32: the dequantized values exactly; later stages cast to `dtype` when they load
-        model = load_base_model(cfg, torch.float32) if ctx.is_main else None
+        # float32: the dequantized values exactly; later stages cast to `dtype` when they load. The default
+        # attention: flash attention (the recipe's, for training) refuses float32 on the CPU, where this probe runs
+        model = load_base_model(dataclasses.replace(cfg, attn_implementation=None), torch.float32) \
+            if ctx.is_main else None
         if ctx.is_main:
             require_rows_for_fed_tokens(tokenizer, renderer, model.get_input_embeddings().num_embeddings)
             model.generation_config.eos_token_id = stop_token_ids(tokenizer, renderer)

@@ -27,7 +27,7 @@ from pipeline.artifacts import append_jsonl
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.pairs import split_pairs, training_pair_rows
-from pipeline.distributed import require_ranks_agree
+from pipeline.distributed import require_ranks_agree, whole_state_dict
 from pipeline.errors import StageFailed
 from pipeline.evaluation import HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.generation import within_context
@@ -224,9 +224,10 @@ def run(cfg: DpoConfig, ctx) -> dict:
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in train_set.select(range(4))],
                              pad_id).tolist()
 
+    state = whole_state_dict(trainer)
     if ctx.is_main:
         save_aligned_policy(accelerator.unwrap_model(policy), tokenizer, renderer, ctx.out_dir, sft_dir,
-                            cfg.trainable, "dpo")
+                            cfg.trainable, "dpo", state)
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,

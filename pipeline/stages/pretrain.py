@@ -185,7 +185,8 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    # map_location: every rank's copy of the state lands on the CPU, then on its own device (not all on GPU 0)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return read_json(path / "state.json")["step"]
 
 
@@ -196,6 +197,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     from transformers import AutoTokenizer
 
     accelerator, seed = ctx.accelerator, ctx.recipe.seed
+    require_replicated(accelerator)
     tokenizer_dir = ctx.output_of("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
@@ -224,6 +226,11 @@ def run(cfg: PretrainConfig, ctx) -> dict:
     )
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # fp16 autocast needs loss scaling, or small gradients underflow to zero. The launch configs leave accelerate's
+    # mixed_precision at 'no' (the stages choose their own precision), so accelerate makes no scaler: ours.
+    # Its scale is not checkpointed: a resumed run finds it again within a few skipped steps.
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=dtype == torch.float16)
+    skipped = 0
     raw_model = accelerator.unwrap_model(model)
     # the training step runs the compiled module (fixed shapes: one graph); evaluation and saving use the plain
     # one. Off by default: inductor's CPU kernels add in a varying order (5th digit of the loss after 10 steps)
@@ -266,18 +273,28 @@ def run(cfg: PretrainConfig, ctx) -> dict:
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 loss_sum, _ = summed_loss(step_model, train, chunk, dtype)
                 # DDP averages gradients over processes; scale so the result is the global-batch mean
-                accelerator.backward(loss_sum * world / n_targets)
+                accelerator.backward(scaler.scale(loss_sum * world / n_targets))
             step_loss += loss_sum.detach().double()
         step_loss = accelerator.reduce(step_loss, "sum") / n_targets
+        scaler.unscale_(optimizer)  # the true gradients, for the norm and the clipping
         grad_norm = _grad_norm(model, accelerator, cfg.grad_clip)
-        if not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
+        overflowed = scaler.is_enabled() and math.isfinite(step_loss.item()) and not math.isfinite(grad_norm)
+        if overflowed:  # the scale was too large for fp16: no update this step, and a smaller scale from now on
+            scaler.update()
+            skipped += 1
+            if skipped % 10 == 1:
+                ctx.log(f"step {step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                        f"{scaler.get_scale():g} ({skipped} skipped so far)")
+        elif not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
             last = max(ckpt_root.glob("step-*"), default=None)  # checked on resume, not here: every rank is here
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise StageFailed(
                 f"pretrain: loss is {step_loss.item()} (gradient norm {grad_norm}) at step {step + 1}; stopped "
                 f"before updating the weights; {kept}. Lower pretrain.learning_rate or check the data."
             )
-        optimizer.step()
+        else:
+            scaler.step(optimizer)  # optimizer.step() itself when the scaler is off
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         tokens_seen += tokens_per_step
@@ -286,7 +303,10 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             rate = tokens_seen / (time.perf_counter() - started)
             record = {"step": done, "loss": round(step_loss.item(), 5), "lr": lr_at(step, cfg),
-                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(rate, 1)}
+                      "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
+                      "tokens_per_s": round(rate, 1)}
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}")
             _log(ctx, writer, metrics_path, record)
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
@@ -334,6 +354,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         "world_size": world,
         "ranks_in_sync": in_sync,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        **({"fp16_skipped_steps": skipped} if scaler.is_enabled() else {}),
         "compiled": cfg.compile,
         "train_blocks": len(train),
         "heldout_blocks": len(heldout),
@@ -341,6 +362,18 @@ def run(cfg: PretrainConfig, ctx) -> dict:
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def require_replicated(accelerator) -> None:
+    """This stage's own loop (accumulation, clipping, checkpoints of the whole model from the main process) is
+    written for a whole model on every process: CPU, one GPU or DDP. Under DeepSpeed accelerate refuses to prepare a
+    model without a dataloader (and its engine would step by its own count), and under FSDP the main process would
+    save only its shard: refused before anything is trained, not left to fail inside accelerate or save a part."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in ("DEEPSPEED", "FSDP"):
+        raise PipelineError(f"pretrain runs on one device or under DDP, not {kind}: launch the recipe with "
+                            "launch/accelerate/ddp.yaml until pretrain is done (a model trained from scratch here "
+                            "fits one GPU), then again with this config: the finished stage is skipped")
 
 
 def cxx_compiler_on_path() -> bool:
@@ -396,6 +429,6 @@ def _log(ctx, writer, path: Path, record: dict) -> None:
     append_jsonl(path, record)
     if writer:
         for key, value in record.items():
-            if key != "step":
+            if key != "step" and value is not None:  # grad_norm of an fp16 step that overflowed
                 writer.add_scalar(f"pretrain/{key}", value, record["step"])
         writer.flush()

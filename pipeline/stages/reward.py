@@ -21,7 +21,7 @@ from trl import RewardTrainer
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.pairs import split_pairs, training_pair_rows
-from pipeline.distributed import require_ranks_agree
+from pipeline.distributed import require_ranks_agree, whole_state_dict
 from pipeline.evaluation import read_scored_questions
 from pipeline.generation import within_context
 from pipeline.lineage import write_lineage
@@ -166,8 +166,9 @@ def run(cfg: RewardConfig, ctx) -> dict:
     # a fingerprint of the final in-memory model, so a load from the saved folders can be checked
     probe = reward_scores(scorer, [r["chosen_ids"] for r in train_set.select(range(min(4, len(train_set))))]).tolist()
 
+    state = whole_state_dict(trainer)
     if ctx.is_main:
-        accelerator.unwrap_model(scorer).save_pretrained(ctx.out_dir, safe_serialization=True)
+        accelerator.unwrap_model(scorer).save_pretrained(ctx.out_dir, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(ctx.out_dir)
         base, adapters, options = lineage_of(sft_dir)
         write_lineage(ctx.out_dir, base, [*adapters, ctx.out_dir], options, head=HEAD, note=LOAD_NOTE)

@@ -47,7 +47,7 @@ from pipeline.artifacts import append_jsonl, read_jsonl_tolerant
 from pipeline.chat_template import ChatRenderer
 from pipeline.data.pairs import split_pairs, tokenize_pairs
 from pipeline.data.split import prompt_key
-from pipeline.distributed import require_ranks_agree
+from pipeline.distributed import require_ranks_agree, whole_state_dict
 from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, read_scored_questions, summary
 from pipeline.generation import context_length, prompts_of, stop_token_ids, within_context
@@ -348,9 +348,10 @@ def run(cfg: RlConfig, ctx) -> dict:
     probe_rows, _ = tokenize_pairs(pairs[:4], renderer, max_length=context_length(policy))
     probe = completion_logps(policy, [(r["prompt_ids"], r["chosen_ids"]) for r in probe_rows], pad_id).tolist()
 
+    state = whole_state_dict(trainer)
     if ctx.is_main:
         save_aligned_policy(accelerator.unwrap_model(policy), tokenizer, renderer, ctx.out_dir, sft_dir,
-                            cfg.trainable, "rl")
+                            cfg.trainable, "rl", state)
     accelerator.wait_for_everyone()
     return {
         "train_loss": result.training_loss,

@@ -19,7 +19,7 @@ from pipeline.config_schema import reads
 from pipeline.data.cache import cached_rows, tokenizer_key
 from pipeline.data.readers import read_records
 from pipeline.data.split import split_held_out
-from pipeline.distributed import require_ranks_agree
+from pipeline.distributed import require_ranks_agree, whole_state_dict
 from pipeline.errors import PipelineError
 from pipeline.evaluation import SCORED_FIELDS, HeldOut, Settings, evaluate_model, summary
 from pipeline.generation import stop_token_ids, within_context
@@ -137,10 +137,16 @@ def _quantization_config(cfg: SftConfig, device_type: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def attach_lora(model, cfg: SftConfig):
+def attach_lora(model, cfg: SftConfig, accelerator=None):
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg.lora))
+    # Under ZeRO-3 the adapters take the base's dtype, as TRL's SFTTrainer does when it makes them (trl#6089):
+    # ZeRO-3 gathers parameters into buffers of the first one's dtype, so peft's fp32 adapters beside a bf16 base
+    # raise TypeError at the first optimizer step. A 4-bit base keeps them fp32 (QLoRA needs it).
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    base_dtype = plugin is not None and plugin.zero_stage == 3 and not quantized
+    return get_peft_model(model, lora_config(cfg.lora), **({"autocast_adapter_dtype": False} if base_dtype else {}))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -187,7 +193,7 @@ def run(cfg: SftConfig, ctx) -> dict:
     if before:
         ctx.log(f"held-out before sft ({len(eval_records)} conversations): {summary(before)}")
 
-    model = attach_lora(model, cfg)
+    model = attach_lora(model, cfg, accelerator)
     trainable, total = count_parameters(model)
     ctx.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: {trainable:,} trainable of "
             f"{total:,} parameters ({100 * trainable / total:.2f}%); {split.describe('conversations')}"
@@ -220,8 +226,9 @@ def run(cfg: SftConfig, ctx) -> dict:
     after = heldout(model, tokenizer, eval_records, cfg, seed, accelerator)
     if after:
         ctx.log(f"held-out after sft: {summary(after)}")
+    state = whole_state_dict(trainer)
     if ctx.is_main:
-        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, parent)
+        save_adapter(accelerator.unwrap_model(model), tokenizer, renderer, ctx.out_dir, parent, state)
     accelerator.wait_for_everyone()
 
     return {
@@ -258,13 +265,13 @@ def logits_probe(model, ids: list[int]) -> dict:
     return {"ids": list(ids), "last_logits": logits.tolist()}
 
 
-def save_adapter(model, tokenizer, renderer, out_dir: Path, parent: Path) -> None:
+def save_adapter(model, tokenizer, renderer, out_dir: Path, parent: Path, state_dict: dict | None = None) -> None:
     """adapter_model.safetensors + adapter_config.json, tokenizer, generation config, and the lineage:
     the parent stage's base and adapters with this adapter on top."""
     base, adapters, options = lineage_of(parent)
     # plain peft (AutoPeftModelForCausalLM) reads the base from here; ours reads lineage.json
     model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     generation = model.generation_config
     generation.eos_token_id = stop_token_ids(tokenizer, renderer)  # stop at the end of the assistant's turn
