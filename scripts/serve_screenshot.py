@@ -1,6 +1,7 @@
 """The README's picture of `pipeline serve`: two stages of a real run answering side by side.
 
-    python scripts/serve_screenshot.py runs/quickstart docs/serve.png "Where does Lerzezer live?" "What work does Lerzezer do?"
+    python scripts/serve_screenshot.py runs/quickstart docs/serve.png \
+        "Where does Lerzezer live?" "What work does Lerzezer do?"
 
 Starts `pipeline serve RUN` on a free local port, opens its page in headless Chromium (Debian's
 chromium + chromium-driver, as tests/test_serve.py uses), compares sft with dpo greedily, sends each
