@@ -390,6 +390,11 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     from pipeline.models import auto_precision
 
     record["auto_precision"] = auto_precision(accelerator.device)
+    # a resumed stage's time so far: the attempts it resumes count as much as this one. Kept in the running record
+    # too, so an attempt killed outright (no time of its own recorded) does not lose the ones before it
+    earlier = (previous.get("wall_time_total_s") or previous.get("wall_time_s") or 0) if resume else 0
+    if earlier:
+        record["wall_time_total_s"] = earlier
     if accelerator.is_main_process:
         if resume and any((out_dir / "checkpoints").glob("*")):
             _note_precision_change(recipe, stage, previous.get("auto_precision"), record["auto_precision"])
@@ -407,8 +412,6 @@ def _run_stage(recipe, stage, fingerprint, previous, out_dir, accelerator, upstr
     # (a fresh LoRA's A matrices, a reward head) came from a random torch seed: two runs of one recipe gave
     # other adapters (quickstart sft 0.936-0.984 held-out accuracy on one CPU).
     set_seed(recipe.seed)
-    # a resumed stage's time so far: the attempts it resumes (interrupted, failed) count as much as this one
-    earlier = (previous.get("wall_time_total_s") or previous.get("wall_time_s") or 0) if resume else 0
     start = time.perf_counter()
     previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
