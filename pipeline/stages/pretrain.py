@@ -278,23 +278,22 @@ def run(cfg: PretrainConfig, ctx) -> dict:
         step_loss = accelerator.reduce(step_loss, "sum") / n_targets
         scaler.unscale_(optimizer)  # the true gradients, for the norm and the clipping
         grad_norm = _grad_norm(model, accelerator, cfg.grad_clip)
+        # under fp16 a finite loss with overflowed gradients means the scale was too large, not a diverged run
         overflowed = scaler.is_enabled() and math.isfinite(step_loss.item()) and not math.isfinite(grad_norm)
-        if overflowed:  # the scale was too large for fp16: no update this step, and a smaller scale from now on
-            scaler.update()
-            skipped += 1
-            if skipped % 10 == 1:
-                ctx.log(f"step {step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
-                        f"{scaler.get_scale():g} ({skipped} skipped so far)")
-        elif not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
+        if not overflowed and not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm)):
             last = max(ckpt_root.glob("step-*"), default=None)  # checked on resume, not here: every rank is here
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise StageFailed(
                 f"pretrain: loss is {step_loss.item()} (gradient norm {grad_norm}) at step {step + 1}; stopped "
                 f"before updating the weights; {kept}. Lower pretrain.learning_rate or check the data."
             )
-        else:
-            scaler.step(optimizer)  # optimizer.step() itself when the scaler is off
-            scaler.update()
+        scaler.step(optimizer)  # no update where the gradients overflowed; optimizer.step() when the scaler is off
+        scaler.update()  # and then halves the scale
+        if overflowed:
+            skipped += 1
+            if skipped % 10 == 1:
+                ctx.log(f"step {step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                        f"{scaler.get_scale():g} ({skipped} skipped so far)")
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         tokens_seen += tokens_per_step
@@ -369,11 +368,13 @@ def require_replicated(accelerator) -> None:
     written for a whole model on every process: CPU, one GPU or DDP. Under DeepSpeed accelerate refuses to prepare a
     model without a dataloader (and its engine would step by its own count), and under FSDP the main process would
     save only its shard: refused before anything is trained, not left to fail inside accelerate or save a part."""
-    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if kind in ("DEEPSPEED", "FSDP"):
-        raise PipelineError(f"pretrain runs on one device or under DDP, not {kind}: launch the recipe with "
-                            "launch/accelerate/ddp.yaml until pretrain is done (a model trained from scratch here "
-                            "fits one GPU), then again with this config: the finished stage is skipped")
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise PipelineError(f"pretrain runs on one device or under DDP, not {accelerator.distributed_type.value}: "
+                            "launch the recipe with launch/accelerate/ddp.yaml until pretrain is done (a model "
+                            "trained from scratch here fits one GPU), then again with this config: the finished stage "
+                            "is skipped")
 
 
 def cxx_compiler_on_path() -> bool:
