@@ -175,7 +175,18 @@ def train_only_lm_head(model) -> None:
         config.tie_word_embeddings = False
     for param in model.parameters():
         param.requires_grad = False
+    if head.weight.dtype == torch.float16:
+        _train_in_fp32(head)
     head.weight.requires_grad = True
+
+
+def _train_in_fp32(head) -> None:
+    """An fp16 model's trained matrix kept in fp32, as peft keeps adapters on an fp16 base: loss scaling (fp16 on a
+    GPU without bf16) refuses fp16 gradients ("Attempting to unscale FP16 gradients"), and fp16 weights drop small
+    updates. The input is cast to the head's dtype, so it also runs outside autocast (KL, generation); the logits
+    come out fp32, and the saved lm_head.weight is fp32 (loading in fp16 casts it back)."""
+    head.weight = torch.nn.Parameter(head.weight.detach().float())
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def frozen_copy(model):

@@ -153,6 +153,33 @@ def test_zero_beta_is_refused_before_training(tiny_world, tmp_path):
         load_recipe(path)
 
 
+def test_an_fp16_models_lm_head_trains_in_fp32_under_loss_scaling():
+    """`trainable: lm_head` on a GPU without bf16: the fp16 model trains under loss scaling, which refuses fp16
+    gradients. The trained head is kept in fp32 (and runs with autocast and without); the rest stays fp16."""
+    from pipeline.models import train_only_lm_head
+
+    _, model = tiny_word_model()
+    model = model.half()
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    train_only_lm_head(model)
+    head = model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and model.get_input_embeddings().weight.dtype == torch.float16
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    ids = torch.tensor([[2, 3, 4, 5, 6]])
+    assert torch.isfinite(model(ids).logits).all()  # outside autocast, as the KL and generation run
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(ids, labels=ids).loss
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer = torch.optim.AdamW([head.weight], lr=1e-2)
+    before = head.weight.detach().clone()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # an fp16 head: ValueError "Attempting to unscale FP16 gradients."
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(head.weight, before)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+
+
 def test_lm_head_only_dpo_changes_only_lm_head_with_shared_prompts(dpo_run, tmp_path):
     """`trainable: lm_head`: the reference is a frozen copy, the prompt is still shared, the loss starts at ln 2,
     and byte for byte every saved tensor but lm_head.weight equals the SFT model's merged weights."""
