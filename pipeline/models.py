@@ -204,9 +204,21 @@ def count_parameters(model) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        count = _weights_in(param)
+        total += count
+        trainable += count if param.requires_grad else 0
     return trainable, total
+
+
+def _weights_in(param) -> int:
+    """The weights a parameter stands for, counted as peft counts them: ZeRO-3 leaves an empty stub (ds_numel is
+    the real count), and bitsandbytes packs two 4-bit weights into each byte of a Params4bit's storage."""
+    count = param.numel()
+    if count == 0 and hasattr(param, "ds_numel"):
+        count = param.ds_numel
+    if type(param).__name__ == "Params4bit":
+        count *= 2 * param.element_size()
+    return count
 
 
 def resolve_dtype(name: str, device_type: str = "cpu") -> torch.dtype:

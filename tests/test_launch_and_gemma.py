@@ -74,6 +74,24 @@ def test_gemma2_2b_recipe_runs_with_a_tiny_gemma(gemma_folder, tiny_world, tmp_p
     assert seen["use_safetensors"] is True
 
 
+def test_parameter_counts_of_4bit_and_zero3_weights():
+    """A QLoRA base's Params4bit packs two weights in a byte, and ZeRO-3 leaves empty stubs with ds_numel: the
+    logged "trainable of total" counts the weights they stand for, as peft does."""
+    import torch
+
+    from pipeline.models import count_parameters
+
+    class Params4bit(torch.nn.Parameter):  # bitsandbytes' class by name (it needs a GPU to install)
+        pass
+
+    model = torch.nn.Module()
+    model.packed = Params4bit(torch.zeros(8, 4, dtype=torch.uint8), requires_grad=False)  # an 8 x 8 matrix
+    model.stub = torch.nn.Parameter(torch.empty(0))
+    model.stub.ds_numel = 12
+    model.adapter = torch.nn.Parameter(torch.zeros(3, 2))
+    assert count_parameters(model) == (6 + 12, 64 + 12 + 6)
+
+
 def test_gpu_decisions_on_a_simulated_gpu(monkeypatch):
     """What a GPU machine gets, decided without one: models load onto this process's GPU (chat, serve, eval and the
     held-out passes ran on the CPU of a GPU machine), except under FSDP or DeepSpeed, whose trainers shard them from
