@@ -81,7 +81,7 @@ def test_parameter_counts_of_4bit_and_zero3_weights():
 
     from pipeline.models import count_parameters
 
-    class Params4bit(torch.nn.Parameter):  # bitsandbytes' class by name (it needs a GPU to install)
+    class Params4bit(torch.nn.Parameter):  # bitsandbytes' class, by name (the package is not installed here)
         pass
 
     model = torch.nn.Module()
