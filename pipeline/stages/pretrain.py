@@ -288,7 +288,7 @@ def run(cfg: PretrainConfig, ctx) -> dict:
                 f"before updating the weights; {kept}. Lower pretrain.learning_rate or check the data."
             )
         scaler.step(optimizer)  # no update where the gradients overflowed; optimizer.step() when the scaler is off
-        scaler.update()  # and then halves the scale
+        scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
         if overflowed:
             skipped += 1
             if skipped % 10 == 1:
